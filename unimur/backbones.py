@@ -1,0 +1,220 @@
+"""The frozen backbones: the causal LLM and the image/text encoders (CLIP).
+
+This is the only module that talks to transformers / open_clip model loading.
+
+Identifiers understood by :func:`load_llm`:
+  * a hub id or local directory of any ``AutoModelForCausalLM`` (``facebook/opt-6.7b``);
+  * ``tiny-opt``: a small random-init ``OPTForCausalLM`` for tests (fixed seed, so the
+    same identifier always yields the same weights).
+
+Identifiers understood by :func:`load_encoders` (``visual_model``):
+  * ``openai/clip-vit-large-patch14`` (the seed README's name) -> open_clip ``ViT-L-14:openai``;
+  * ``NAME`` or ``NAME:pretrained_tag`` of an open_clip model, e.g. ``ViT-B-32:openai``;
+  * a local open_clip checkpoint ``NAME:/path/to/weights.bin`` or ``local-dir:/path``;
+  * ``tiny-clip``: a small random-init open_clip CLIP (both towers, fixed seed) for tests.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from PIL import Image
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+# Backbones built from a fixed seed, so that e.g. a pruned checkpoint trained on
+# `tiny-opt` can rebuild bit-identical frozen weights from its identifier alone.
+BUILTIN_SEED = 0
+
+# The seed README names CLIP by its Hugging Face id; open_clip calls it differently.
+CLIP_ALIASES = {
+    "openai/clip-vit-large-patch14": "ViT-L-14:openai",
+    "openai/clip-vit-base-patch32": "ViT-B-32:openai",
+    "openai/clip-vit-base-patch16": "ViT-B-16:openai",
+}
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def freeze(module: nn.Module) -> nn.Module:
+    """No gradients, eval mode (dropout off). UniMuR.train() keeps frozen parts in eval."""
+    module.requires_grad_(False)
+    return module.eval()
+
+
+# --------------------------------------------------------------------------- LLM
+
+
+def tiny_opt_config():
+    from transformers import OPTConfig
+
+    # GPT-2 BPE (50257 tokens) + [RET]; OPT pads its vocabulary to 50272 like the real models.
+    return OPTConfig(
+        vocab_size=50272, hidden_size=64, num_hidden_layers=2, ffn_dim=128,
+        num_attention_heads=4, max_position_embeddings=256, word_embed_proj_dim=64,
+        pad_token_id=50256, bos_token_id=50256, eos_token_id=50256,
+        dropout=0.0, attention_dropout=0.0,
+    )
+
+
+def load_llm(name: str, dtype: str = "fp32") -> nn.Module:
+    """A frozen causal LM by identifier (see module docstring)."""
+    torch_dtype = DTYPES[dtype]
+    if name == "tiny-opt":
+        from transformers import OPTForCausalLM
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(BUILTIN_SEED)
+            llm = OPTForCausalLM(tiny_opt_config())
+        llm = llm.to(torch_dtype)
+    else:
+        from transformers import AutoModelForCausalLM
+
+        logger.info("Loading LLM %s (%s)", name, dtype)
+        llm = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype)
+    return freeze(llm)
+
+
+# ---------------------------------------------------------------------- encoders
+
+
+@dataclass
+class ImageFeatures:
+    """Frozen image-encoder outputs for a batch, unnormalised.
+
+    pooled: (N, Dp) pre-projection pooled feature (FROMAGe's input to its linear maps).
+    embed:  (N, Dv) joint image-text embedding (CLIP-V); equals `pooled` for encoders
+            that have no joint space.
+    """
+
+    pooled: torch.Tensor
+    embed: torch.Tensor
+
+    def to(self, *args, **kwargs) -> "ImageFeatures":
+        return ImageFeatures(self.pooled.to(*args, **kwargs), self.embed.to(*args, **kwargs))
+
+
+class FrozenEncoders(nn.Module):
+    """Interface of the frozen image and text encoders (CLIP-V / CLIP-T).
+
+    identity: stable string naming weights and preprocessing (feature-cache key).
+    """
+
+    identity: str
+    image_pooled_dim: int
+    image_embed_dim: int
+    text_embed_dim: int
+    preprocess: Callable[[Image.Image], torch.Tensor]  # PIL -> (3, H, W)
+
+    def encode_image(self, pixels: torch.Tensor) -> ImageFeatures:  # pixels: (N, 3, H, W)
+        raise NotImplementedError
+
+    def encode_text(self, texts: list[str]) -> torch.Tensor:  # -> (N, Dt)
+        raise NotImplementedError
+
+    def train(self, mode: bool = True) -> "FrozenEncoders":
+        return super().train(False)  # frozen: never leave eval mode
+
+
+class OpenCLIPEncoders(FrozenEncoders):
+    """Both towers of an open_clip CLIP model."""
+
+    def __init__(self, clip: nn.Module, preprocess, tokenizer, identity: str):
+        super().__init__()
+        self.clip = freeze(clip)
+        self.preprocess = preprocess
+        self.tokenizer = tokenizer
+        self.identity = identity
+        visual = clip.visual
+        self.image_embed_dim = int(clip.text_projection.shape[-1]) if _has_text_proj(clip) else _out_dim(clip)
+        proj = getattr(visual, "proj", None)
+        self.image_pooled_dim = int(proj.shape[0]) if isinstance(proj, torch.Tensor) else self.image_embed_dim
+        self.text_embed_dim = self.image_embed_dim
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.clip.parameters()).device
+
+    @torch.no_grad()
+    def encode_image(self, pixels: torch.Tensor) -> ImageFeatures:
+        visual = self.clip.visual
+        pixels = pixels.to(self.device, next(visual.parameters()).dtype)
+        proj = getattr(visual, "proj", None)
+        if not isinstance(proj, torch.Tensor):  # e.g. ModifiedResNet: projection is inside attnpool
+            embed = visual(pixels)
+            return ImageFeatures(embed, embed)
+        # Run the tower without its final projection to get the pre-projection pooled feature,
+        # then project once ourselves: one forward pass yields both features.
+        visual.proj = None
+        try:
+            pooled = visual(pixels)
+        finally:
+            visual.proj = proj
+        return ImageFeatures(pooled, pooled @ proj)
+
+    @torch.no_grad()
+    def encode_text(self, texts: list[str]) -> torch.Tensor:
+        tokens = self.tokenizer(list(texts)).to(self.device)
+        return self.clip.encode_text(tokens)
+
+
+def _has_text_proj(clip: nn.Module) -> bool:
+    return isinstance(getattr(clip, "text_projection", None), torch.Tensor)
+
+
+def _out_dim(clip: nn.Module) -> int:
+    return int(clip.visual.output_dim)
+
+
+TINY_CLIP_CFG = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 8},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
+}
+
+
+def _parse_clip_name(name: str) -> tuple[str, str | None]:
+    name = CLIP_ALIASES.get(name, name)
+    if name.startswith(("local-dir:", "hf-hub:")):
+        return name, None
+    model, _, pretrained = name.partition(":")
+    return model, (pretrained or None)
+
+
+def load_encoders(visual_model: str, text_model: str | None = None, dtype: str = "fp32") -> FrozenEncoders:
+    """The frozen image/text encoders by identifier (see module docstring)."""
+    if text_model is not None:
+        raise ValueError(
+            f"text_model={text_model!r}: separate text encoders are not available in this build; "
+            "leave text_model unset to use the CLIP text tower"
+        )
+    import open_clip
+    from open_clip.transform import image_transform
+
+    if visual_model == "tiny-clip":
+        from open_clip.model import CLIP
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(BUILTIN_SEED)
+            clip = CLIP(**TINY_CLIP_CFG)
+        size = TINY_CLIP_CFG["vision_cfg"]["image_size"]
+        preprocess = image_transform(size, is_train=False)
+        tokenizer = open_clip.get_tokenizer("ViT-B-32")
+        identity = f"tiny-clip:seed{BUILTIN_SEED}"
+    else:
+        model_name, pretrained = _parse_clip_name(visual_model)
+        logger.info("Loading open_clip %s (pretrained=%s)", model_name, pretrained)
+        clip, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=pretrained)
+        tokenizer = open_clip.get_tokenizer(model_name)
+        identity = f"open_clip:{model_name}:{pretrained}"
+    clip = clip.to(DTYPES[dtype])
+    identity += f"|{_describe_preprocess(preprocess)}"
+    return OpenCLIPEncoders(clip, preprocess, tokenizer, identity)
+
+
+def _describe_preprocess(preprocess) -> str:
+    """A stable text for the preprocessing pipeline (part of the feature-cache key)."""
+    return repr(preprocess).replace("\n", " ")

@@ -1,0 +1,324 @@
+"""UniMuR: a frozen causal LLM and frozen CLIP joined by a few trainable linear layers.
+
+Trainable parts (SPEC section 1), everything else is frozen:
+  cap_mapping      W_cap: CLIP-V feature -> k LLM input embeddings (images into the LLM)
+  ret_embedding    the [RET] input embedding, spliced into `inputs_embeds` at [RET] ids
+  unified_mapping  W_u:   LLM hidden state at [RET] -> retrieval space (unified embedding u)
+  image_proj/text_proj  W_v / W_t (target_proj=linear only)
+  logit_scale      s = exp(tau), learnable temperature of the contrastive losses
+
+The LLM's vocabulary matrix is never resized or trained: [RET]'s input row is our own
+parameter and its output logit (LMret) is tied to it.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from .backbones import FrozenEncoders, ImageFeatures, load_encoders, load_llm
+from .config import ModelConfig
+from .tokenizer import build_tokenizer
+
+logger = logging.getLogger(__name__)
+
+# A context piece: text, a PIL image, or an image's W_cap input feature (see `cap_input`).
+Piece = Union[str, Image.Image, torch.Tensor]
+
+
+@dataclass
+class UniMuROutput:
+    """Per-batch outputs the losses consume (local shard; N = local batch)."""
+
+    u: torch.Tensor                   # (N, E) unified embeddings, L2-normalised
+    v: torch.Tensor                   # (N, E) image targets, L2-normalised
+    t: torch.Tensor | None            # (N, E) text targets (None for method=fromage)
+    caption_nll: torch.Tensor         # () summed token NLL of the captioning pass
+    caption_tokens: torch.Tensor      # () number of caption target tokens
+    logit_scale: torch.Tensor         # () s = exp(tau), clamped
+    lm_nll: torch.Tensor | None = None    # () summed NLL of "caption [RET]" (LMret)
+    lm_tokens: torch.Tensor | None = None
+
+
+class UniMuR(nn.Module):
+    def __init__(self, config: ModelConfig, llm: nn.Module, encoders: FrozenEncoders, tokenizer, ret_id: int):
+        super().__init__()
+        self.config = config
+        self.llm = llm
+        self.encoders = encoders
+        self.tokenizer = tokenizer
+        self.ret_id = ret_id
+        self._bos_ids = _bos_prefix(tokenizer)
+
+        embed = llm.get_input_embeddings()
+        in_dim = embed.embedding_dim                       # LLM input embedding size
+        out_dim = llm.get_output_embeddings().in_features  # last hidden size seen by lm_head
+        self.vocab_size = llm.get_output_embeddings().out_features
+        if ret_id > self.vocab_size:
+            raise ValueError(f"[RET] id {ret_id} is beyond the LLM vocabulary ({self.vocab_size})")
+        k = config.n_visual_tokens
+        feat_dim = encoders.image_pooled_dim if config.visual_feature == "pooled" else encoders.image_embed_dim
+
+        if config.target_proj == "linear":
+            emb_dim = config.shared_emb_dim
+            self.image_proj = nn.Linear(feat_dim, emb_dim)
+            self.text_proj = nn.Linear(encoders.text_embed_dim, emb_dim) if config.method == "unimur" else None
+        else:
+            emb_dim = encoders.image_embed_dim
+            if encoders.text_embed_dim != emb_dim:
+                raise ValueError("target_proj=none needs a joint image-text space; use target_proj=linear")
+            self.image_proj = self.text_proj = None
+        self.emb_dim = emb_dim
+
+        self.cap_mapping = nn.Linear(feat_dim, k * in_dim)
+        self.unified_mapping = nn.Linear(out_dim, emb_dim)
+        with torch.no_grad():
+            table = embed.weight.float()
+            self.ret_embedding = nn.Parameter(table.mean(0).clone())
+            # FROMAGe keeps [RET] at the typical token norm (the mean row is much shorter).
+            self.ret_target_norm = float(table.norm(dim=-1).mean())
+        if config.ret_renorm:
+            self.renorm_ret_embedding()
+        self.logit_scale = nn.Parameter(torch.tensor(float(config.logit_scale_init)))
+
+    # ------------------------------------------------------------------ building
+
+    @classmethod
+    def build(cls, config: ModelConfig) -> "UniMuR":
+        """Load the frozen backbones named in `config` and initialise the trainable layers."""
+        llm = load_llm(config.llm, config.llm_dtype)
+        encoders = load_encoders(config.visual_model, config.text_model, config.encoder_dtype)
+        tokenizer, ret_id = build_tokenizer(config.llm)
+        return cls(config, llm, encoders, tokenizer, ret_id)
+
+    def train(self, mode: bool = True) -> "UniMuR":
+        super().train(mode)
+        self.llm.eval()  # frozen backbones stay in eval mode (no dropout) while training
+        self.encoders.eval()
+        return self
+
+    def trainable_named_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        return [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        names = {n for n, _ in self.trainable_named_parameters()}
+        return {n: t for n, t in self.state_dict().items() if n in names}
+
+    def frozen_parameter_names(self) -> list[str]:
+        return [n for n, p in self.named_parameters() if not p.requires_grad]
+
+    @property
+    def device(self) -> torch.device:
+        return self.ret_embedding.device
+
+    @torch.no_grad()
+    def renorm_ret_embedding(self) -> None:
+        self.ret_embedding.mul_(self.ret_target_norm / self.ret_embedding.norm().clamp(min=1e-12))
+
+    # ------------------------------------------------------------- frozen encoders
+
+    def encode_images(self, pixels: torch.Tensor) -> ImageFeatures:
+        """Frozen CLIP-V on preprocessed pixels (N, 3, H, W)."""
+        return self.encoders.encode_image(pixels)
+
+    def encode_texts(self, texts: Sequence[str]) -> torch.Tensor:
+        """Frozen CLIP-T on raw strings -> (N, Dt), unnormalised."""
+        return self.encoders.encode_text(list(texts))
+
+    def cap_input(self, feats: ImageFeatures) -> torch.Tensor:
+        """The CLIP-V feature fed to W_cap and W_v (config.visual_feature)."""
+        x = feats.pooled if self.config.visual_feature == "pooled" else feats.embed
+        return x.to(self.cap_mapping.weight.dtype)
+
+    def image_targets(self, feats: ImageFeatures) -> torch.Tensor:
+        """v = norm(CLIP-V(x)) or norm(W_v CLIP-V(x)): (N, E)."""
+        if self.image_proj is None:
+            return F.normalize(feats.embed.float(), dim=-1)
+        return F.normalize(self.image_proj(self.cap_input(feats)), dim=-1)
+
+    def text_targets(self, text_feats: torch.Tensor) -> torch.Tensor:
+        """t = norm(CLIP-T(caption)) or norm(W_t CLIP-T(caption)): (N, E)."""
+        if self.text_proj is None:
+            return F.normalize(text_feats.float(), dim=-1)
+        return F.normalize(self.text_proj(text_feats.to(self.text_proj.weight.dtype)), dim=-1)
+
+    # ---------------------------------------------------------------- LLM side
+
+    @property
+    def _llm_dtype(self) -> torch.dtype:
+        return self.llm.get_input_embeddings().weight.dtype
+
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, T) ids -> (B, T, H_in) input embeddings, the [RET] parameter spliced in."""
+        is_ret = input_ids == self.ret_id
+        emb = self.llm.get_input_embeddings()(input_ids.masked_fill(is_ret, 0))
+        return torch.where(is_ret.unsqueeze(-1), self.ret_embedding.to(emb.dtype), emb)
+
+    def map_images(self, cap_features: torch.Tensor) -> torch.Tensor:
+        """W_cap: (N, D) CLIP-V features -> (N, k, H_in) LLM input embeddings."""
+        n = cap_features.shape[0]
+        return self.cap_mapping(cap_features).view(n, self.config.n_visual_tokens, -1)
+
+    def run_llm(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Frozen LLM body on (B, T, H_in) embeddings -> (B, T, H) last-layer hidden states.
+
+        Positions count only attended tokens, so left- and right-padded batches see the
+        same positions for the same tokens (Llama-style models default to arange).
+        """
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        out = self.llm.base_model(
+            inputs_embeds=inputs_embeds.to(self._llm_dtype),
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=False,
+        )
+        return out.last_hidden_state
+
+    def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(..., H) -> (..., V) logits; the [RET] logit is tied to the [RET] parameter."""
+        logits = self.llm.get_output_embeddings()(hidden)
+        ret_logit = hidden @ self.ret_embedding.to(hidden.dtype)
+        if self.ret_id == self.vocab_size:
+            return torch.cat([logits, ret_logit.unsqueeze(-1)], dim=-1)
+        logits = logits.clone()
+        logits[..., self.ret_id] = ret_logit
+        return logits
+
+    def unified_from_hidden(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Read the last attended position (where [RET] sits) -> u = norm(W_u h): (B, E)."""
+        last = last_position(attention_mask)
+        h = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+        return F.normalize(self.unified_mapping(h.to(self.unified_mapping.weight.dtype)), dim=-1)
+
+    def unified_from_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                            return_hidden: bool = False):
+        """u for token sequences that end in [RET] (left or right padded): (B, E)."""
+        last = last_position(attention_mask)
+        if not bool((input_ids.gather(1, last[:, None]) == self.ret_id).all()):
+            raise ValueError("every sequence must end with [RET] at its last attended position")
+        hidden = self.run_llm(self.embed_tokens(input_ids), attention_mask)
+        u = self.unified_from_hidden(hidden, attention_mask)
+        return (u, hidden) if return_hidden else u
+
+    def caption_nll(self, cap_features: torch.Tensor, caption_ids: torch.Tensor,
+                    caption_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """CL: image prefix (k mapped tokens) then the caption; NLL of caption tokens only.
+
+        Visual positions, padding and a leading BOS are not targets. Returns the summed NLL
+        and the token count so the loss can be normalised over the global batch.
+        """
+        k = self.config.n_visual_tokens
+        visual = self.map_images(cap_features)                     # (N, k, H_in)
+        text = self.embed_tokens(caption_ids)                      # (N, L, H_in)
+        inputs = torch.cat([visual.to(text.dtype), text], dim=1)
+        mask = torch.cat([caption_mask.new_ones(caption_mask.shape[0], k), caption_mask], dim=1)
+        hidden = self.run_llm(inputs, mask)                        # (N, k+L, H)
+        labels = self._labels(caption_ids, caption_mask)
+        # position k-1+j predicts caption token j
+        return self._token_nll(hidden[:, k - 1 : -1], labels)
+
+    def _labels(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        labels = ids.masked_fill(mask == 0, -100)
+        if self._bos_ids:
+            labels[:, : len(self._bos_ids)] = -100
+        return labels
+
+    def _token_nll(self, pred_hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        sel = labels != -100
+        # logits only where there is a target: avoids a (N, T, V) tensor over padding
+        logits = self.lm_logits(pred_hidden[sel]).float()
+        nll = F.cross_entropy(logits, labels[sel], reduction="sum")
+        return nll, sel.sum()
+
+    # ------------------------------------------------------------------ training
+
+    def forward(self, image_features: ImageFeatures, text_features: torch.Tensor | None,
+                caption_ids: torch.Tensor, caption_mask: torch.Tensor,
+                ret_ids: torch.Tensor, ret_mask: torch.Tensor, with_lm: bool = False) -> UniMuROutput:
+        """One training batch: both LLM passes plus the alignment targets."""
+        cap_in = self.cap_input(image_features)
+        caption_nll, caption_tokens = self.caption_nll(cap_in, caption_ids, caption_mask)
+        u, hidden = self.unified_from_tokens(ret_ids, ret_mask, return_hidden=True)
+        lm_nll = lm_tokens = None
+        if with_lm:  # LMret: teach the LLM to emit [RET] after a caption
+            lm_nll, lm_tokens = self._token_nll(hidden[:, :-1], self._labels(ret_ids, ret_mask)[:, 1:])
+        v = self.image_targets(image_features)
+        t = None
+        if self.config.method == "unimur":
+            if text_features is None:
+                raise ValueError("method=unimur needs CLIP-T text features")
+            t = self.text_targets(text_features)
+        scale = self.logit_scale.clamp(max=self.config.logit_scale_max).exp()
+        return UniMuROutput(u=u, v=v, t=t, caption_nll=caption_nll, caption_tokens=caption_tokens,
+                            logit_scale=scale, lm_nll=lm_nll, lm_tokens=lm_tokens)
+
+    # ----------------------------------------------------------------- inference
+
+    @torch.no_grad()
+    def encode_context(self, contexts: Sequence[Sequence[Piece]], *, padding_side: str = "right",
+                       max_len: int | None = None) -> torch.Tensor:
+        """Unified embeddings for interleaved contexts: (B, E), L2-normalised.
+
+        Each context is a sequence of pieces: text, a PIL image, or an image's W_cap input
+        feature (1-D tensor, `cap_input` of its ImageFeatures). Text goes in as tokens (BOS
+        once at the start, as in training), each image as its k mapped embeddings, then
+        [RET]. Contexts longer than `max_len` keep their most recent positions.
+        """
+        seqs = [self._context_embeddings(ctx, max_len) for ctx in contexts]
+        width = max(s.shape[0] for s in seqs)
+        b, h = len(seqs), seqs[0].shape[1]
+        inputs = seqs[0].new_zeros(b, width, h)
+        mask = torch.zeros(b, width, dtype=torch.long, device=self.device)
+        for i, s in enumerate(seqs):
+            span = slice(width - len(s), width) if padding_side == "left" else slice(0, len(s))
+            inputs[i, span], mask[i, span] = s, 1
+        hidden = self.run_llm(inputs, mask)
+        return self.unified_from_hidden(hidden, mask)
+
+    def _context_embeddings(self, context: Sequence[Piece], max_len: int | None) -> torch.Tensor:
+        ids = torch.tensor(self._bos_ids, dtype=torch.long, device=self.device)
+        parts = [self.embed_tokens(ids[None])[0]] if self._bos_ids else []
+        images = [p for p in context if not isinstance(p, str)]
+        mapped = iter(self.map_images(self._image_pieces(images)) if images else [])
+        for piece in context:
+            if isinstance(piece, str):
+                tok = self.tokenizer(piece, add_special_tokens=False)["input_ids"]
+                if tok:
+                    parts.append(self.embed_tokens(torch.tensor([tok], device=self.device))[0])
+            else:
+                parts.append(next(mapped).to(self._llm_dtype))
+        parts.append(self.ret_embedding.to(self._llm_dtype)[None])
+        seq = torch.cat(parts, dim=0)  # (T, H_in), [RET] last
+        if max_len is not None and seq.shape[0] > max_len:
+            seq = seq[-max_len:]
+        return seq
+
+    def _image_pieces(self, images: list) -> torch.Tensor:
+        """PIL images and/or precomputed features -> (n, D) W_cap inputs."""
+        out = []
+        for img in images:
+            if isinstance(img, Image.Image):
+                pixels = self.encoders.preprocess(img.convert("RGB"))[None]
+                out.append(self.cap_input(self.encode_images(pixels))[0])
+            else:
+                out.append(img.to(self.device, self.cap_mapping.weight.dtype))
+        return torch.stack(out)
+
+
+def last_position(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last attended token per row, for left or right padding: (B,)."""
+    t = attention_mask.shape[1]
+    return t - 1 - attention_mask.flip(-1).long().argmax(-1)
+
+
+def _bos_prefix(tokenizer) -> list[int]:
+    """Ids the tokenizer prepends by itself (OPT: [</s>]; GPT-2: [])."""
+    with_special = tokenizer("a")["input_ids"]
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    n = len(with_special) - len(plain)
+    return list(with_special[:n]) if n > 0 and with_special[n:] == plain else []
