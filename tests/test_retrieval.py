@@ -50,6 +50,19 @@ def test_topk_equals_full_argsort(index_chunk: int, query_chunk: int, k: int) ->
     assert torch.equal(scores, (queries @ index.T).gather(1, ref))
 
 
+@pytest.mark.parametrize("index_chunk", [50, 128, 1000])
+def test_topk_mostly_distinct_scores(index_chunk: int) -> None:
+    # Wide-range integers: mostly distinct (still exact) scores, so the per-block float top-k
+    # path is taken for most rows and the tie re-ranking for a few duplicated ones.
+    queries = _int_features(40, 4, seed=20, low=-1000, high=1000)
+    index = _int_features(1000, 4, seed=21, low=-1000, high=1000)
+    index[500:510] = index[10:20]  # exact ties across blocks
+    for k in (1, 3, 12):
+        scores, indices = topk_chunked(queries, index, k, index_chunk=index_chunk, query_chunk=16)
+        ref = _reference_order(queries, index)[:, :k]
+        assert torch.equal(indices, ref) and torch.equal(scores, (queries @ index.T).gather(1, ref))
+
+
 def test_topk_ties_from_duplicated_rows() -> None:
     base = _int_features(50, 8, seed=2)
     # Every row three times, interleaved so duplicates straddle chunk borders.
@@ -73,6 +86,12 @@ def test_topk_signed_zero_and_nan_order_like_argsort() -> None:
     scores, indices = topk_chunked(queries, index, 5, index_chunk=2)
     assert indices.tolist() == [[0, 1, 2, 4, 3]] == _reference_order(queries, index).tolist()
     assert scores[0, :4].tolist() == [0.0, 0.0, 0.0, -1.0] and math.isnan(scores[0, 4].item())
+    # NaN rows inside large blocks with k < block size (NaN must not win a float top-k).
+    queries, index = _int_features(6, 3, seed=22), _int_features(40, 3, seed=23)
+    index[[0, 7, 31]] = float("nan")
+    for k in (2, 38, 40):
+        _, indices = topk_chunked(queries, index, k, index_chunk=16)
+        assert torch.equal(indices, _reference_order(queries, index)[:, :k])
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])

@@ -81,8 +81,9 @@ class UniMuR(nn.Module):
             table = embed.weight.float()
             self.ret_embedding = nn.Parameter(table.mean(0).clone())
             # FROMAGe keeps [RET] at the typical token norm (the mean row is much shorter).
-            self.ret_target_norm = float(table.norm(dim=-1).mean())
-        if config.ret_renorm:
+            # (A model built on the meta device, to count parameters, has no norms.)
+            self.ret_target_norm = 1.0 if table.is_meta else float(table.norm(dim=-1).mean())
+        if config.ret_renorm and not table.is_meta:
             self.renorm_ret_embedding()
         self.logit_scale = nn.Parameter(torch.tensor(float(config.logit_scale_init)))
 

@@ -70,12 +70,35 @@ def _ordered_int_to_float(keys32: Tensor) -> Tensor:
     return bits.view(torch.float32)
 
 
-def _encode_keys(scores: Tensor, offset: int) -> Tensor:
-    """float32 scores [q, c] for index ids offset..offset+c-1 -> unique int64 keys [q, c]."""
+def _encode_keys(scores: Tensor, ids: Tensor) -> Tensor:
+    """float32 scores [q, c] with int64 index ids [q, c] (or [1, c]) -> unique int64 keys [q, c].
+
+    Consumes ``scores``.
+    """
     keys = _float_to_ordered_int(scores).to(torch.int64)
     keys <<= 32
-    ids = torch.arange(offset, offset + keys.shape[1], device=keys.device, dtype=torch.int64)
     keys += _MAX_INDEX - ids  # lower index -> larger key -> ranks first among equal scores
+    return keys
+
+
+def _block_topk_keys(scores: Tensor, offset: int, k: int) -> Tensor:
+    """Exact top-k keys [q, min(k, c)] of one float32 score block [q, c] (index ids from offset).
+
+    A float top-(k+1) does the heavy lifting. Its k best are exact unless the k-th and
+    (k+1)-th values are equal (tied scores straddle the cut and torch.topk picks among them
+    in no specified order) or NaNs are involved (torch.topk ranks NaN first; we rank it last).
+    Only those rows are re-ranked with full int64 keys, so typical data pays for one float
+    top-k per block instead of an int64 copy of it. Consumes ``scores``.
+    """
+    c = scores.shape[1]
+    ids = torch.arange(offset, offset + c, device=scores.device, dtype=torch.int64)
+    if k >= c:  # the whole block survives; the merge orders it
+        return _encode_keys(scores, ids[None, :])
+    values, cols = scores.topk(k + 1, dim=1, sorted=True)  # [q, k+1]
+    slow = (values[:, k - 1] == values[:, k]) | torch.isnan(values).any(dim=1)
+    keys = _encode_keys(values[:, :k].contiguous(), cols[:, :k] + offset)
+    if slow.any():
+        keys[slow] = _encode_keys(scores[slow], ids[None, :]).topk(k, dim=1).values
     return keys
 
 
@@ -123,7 +146,8 @@ def topk_chunked(
         queries: [Q, D] query features (any float dtype, any device).
         index: [N, D] candidate features (may live on another device than ``queries``).
         k: number of results; clamped to N.
-        index_chunk: index rows scored at once (memory ~ 12 bytes * query_chunk * index_chunk).
+        index_chunk: index rows scored at once (memory ~ 4 bytes * query_chunk * index_chunk,
+            plus 12 bytes per element for rows whose k-th score is tied).
         query_chunk: queries scored at once.
 
     Returns:
@@ -147,7 +171,7 @@ def topk_chunked(
         best = None  # running top-k keys [q, <=k], merged chunk by chunk
         for start in range(0, n_index, index_chunk):
             stop = min(start + index_chunk, n_index)
-            keys = _encode_keys(_chunk_scores(q, index, start, stop), start)
+            keys = _block_topk_keys(_chunk_scores(q, index, start, stop), start, k)
             if best is not None:
                 keys = torch.cat([best, keys], dim=1)
             best = keys.topk(min(k, keys.shape[1]), dim=1, sorted=True).values

@@ -1,0 +1,258 @@
+"""Reader for the MMDialog format (SPEC section 5): raw dialogues in, retrieval queries out.
+
+Layout expected under ``mmdialog_dir``::
+
+    <split>/conversations.json          one JSON array of dialogues, or JSON Lines (one per line)
+    <split>/<media_key>.jpg             every image: dialogue turns and negative candidates
+
+A dialogue is ``{"conversation_id": int, "conversation": [{"turn": [{"__TEXT__": str} |
+{"__MEDIA__": str}, ...]}, ...], "negative_candidate_media_keys": [999 str],
+"negative_candidate_texts": [999 str]}`` (negatives only in valid/test).
+
+Each :class:`MMDialogQuery` is one retrieval problem (SPEC section 4): the context is every
+element of the earlier turns, in order; the target turn's texts and images are the positives;
+the pool is the positives plus the dialogue's negatives. Nothing is dropped silently: every
+skipped dialogue, query or element is counted by reason in the returned Counter.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+logger = logging.getLogger(__name__)
+
+TARGETS = ("last", "every")
+Segment = tuple[str, str]  # ("text", str) or ("image", media_key)
+
+
+@dataclass
+class MMDialogQuery:
+    """One response-retrieval query: context segments, positives and per-dialogue negatives."""
+
+    conversation_id: int
+    turn_index: int  # index of the target turn in the conversation
+    context: list[Segment]
+    gt_texts: list[str] = field(default_factory=list)
+    gt_media_keys: list[str] = field(default_factory=list)
+    negative_texts: list[str] = field(default_factory=list)
+    negative_media_keys: list[str] = field(default_factory=list)
+
+
+def media_path(mmdialog_dir: str | Path, split: str, key: str) -> Path:
+    """Image file of ``key``: ``<mmdialog_dir>/<split>/<key>.jpg``."""
+    return Path(mmdialog_dir) / split / f"{key}.jpg"
+
+
+def conversations_path(mmdialog_dir: str | Path, split: str = "test") -> Path:
+    return Path(mmdialog_dir) / split / "conversations.json"
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading the container (JSON array or JSON Lines)
+# ----------------------------------------------------------------------------------------------
+
+
+def _first_char(path: Path) -> str:
+    """First non-whitespace character of the file ('' if empty), read without loading it all."""
+    with path.open("r", encoding="utf-8") as f:
+        while True:
+            chunk = f.read(4096)
+            if not chunk:
+                return ""
+            stripped = chunk.lstrip()
+            if stripped:
+                return stripped[0]
+
+
+def _iter_json_lines(path: Path, skipped: Counter) -> Iterator[Any]:
+    """One dialogue per non-empty line; a malformed line is counted and the rest still read."""
+    with path.open("r", encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                yield json.loads(line)
+            except json.JSONDecodeError as e:
+                skipped["malformed_json_line"] += 1
+                logger.warning("%s:%d: malformed JSON line skipped (%s)", path, lineno, e)
+
+
+def read_dialogues(path: str | Path, skipped: Counter | None = None) -> Iterator[Any]:
+    """Yield raw dialogues from ``path``, detecting a JSON array versus JSON Lines.
+
+    A file starting with ``[`` is one JSON array (a truncated or malformed one raises ValueError
+    naming the file, since nothing in it can be trusted); anything else is read as JSON Lines.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"MMDialog conversations file not found: {path}")
+    skipped = Counter() if skipped is None else skipped
+    if _first_char(path) == "[":
+        try:
+            with path.open("r", encoding="utf-8") as f:
+                data = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: truncated or malformed JSON array ({e})") from e
+        yield from data
+    else:
+        yield from _iter_json_lines(path, skipped)
+
+
+# ----------------------------------------------------------------------------------------------
+# Turning dialogues into queries
+# ----------------------------------------------------------------------------------------------
+
+
+class _ImageCheck:
+    """Cached ``media_path(...).is_file()``: negative keys repeat across dialogues."""
+
+    def __init__(self, mmdialog_dir: str | Path, split: str, enabled: bool) -> None:
+        self.root, self.split, self.enabled = mmdialog_dir, split, enabled
+        self._cache: dict[str, bool] = {}
+
+    def __call__(self, key: str) -> bool:
+        if not self.enabled:
+            return True
+        if key not in self._cache:
+            self._cache[key] = media_path(self.root, self.split, key).is_file()
+        return self._cache[key]
+
+
+def _parse_turn(turn: Any, skipped: Counter) -> list[Segment] | None:
+    """A turn's elements as segments (empty texts dropped and counted); None if malformed."""
+    elements = turn.get("turn") if isinstance(turn, dict) else None
+    if not isinstance(elements, list):
+        return None
+    segments: list[Segment] = []
+    for element in elements:
+        if isinstance(element, dict) and isinstance(element.get("__TEXT__"), str):
+            text = element["__TEXT__"].strip()
+            if text:
+                segments.append(("text", text))
+            else:
+                skipped["empty_text_element"] += 1
+        elif isinstance(element, dict) and isinstance(element.get("__MEDIA__"), (str, int)):
+            segments.append(("image", str(element["__MEDIA__"])))
+        else:
+            skipped["unknown_element"] += 1
+    return segments
+
+
+def _negatives(raw: dict[str, Any], has_image: _ImageCheck, skipped: Counter
+               ) -> tuple[list[str], list[str]]:
+    """The dialogue's negative texts and media keys; empty texts and missing images counted."""
+    texts: list[str] = []
+    for t in raw.get("negative_candidate_texts") or []:
+        if isinstance(t, str) and t.strip():
+            texts.append(t.strip())
+        else:
+            skipped["empty_negative_text"] += 1
+    keys: list[str] = []
+    for k in raw.get("negative_candidate_media_keys") or []:
+        if has_image(str(k)):
+            keys.append(str(k))
+        else:
+            skipped["missing_negative_image"] += 1
+    return texts, keys
+
+
+def _context(turns: list[list[Segment]], has_image: _ImageCheck, skipped: Counter
+             ) -> list[Segment]:
+    """Every segment of ``turns`` in order; images without a file are dropped and counted."""
+    context: list[Segment] = []
+    for segments in turns:
+        for kind, value in segments:
+            if kind == "image" and not has_image(value):
+                skipped["missing_context_image"] += 1
+                continue
+            context.append((kind, value))
+    return context
+
+
+def _dialogue_queries(raw: Any, target: str, has_image: _ImageCheck, skipped: Counter
+                      ) -> list[MMDialogQuery]:
+    """All queries of one raw dialogue (one for ``last``, one per later turn for ``every``)."""
+    if not isinstance(raw, dict) or not isinstance(raw.get("conversation"), list):
+        skipped["malformed_dialogue"] += 1
+        return []
+    turns = [_parse_turn(t, skipped) for t in raw["conversation"]]
+    if any(t is None for t in turns):
+        skipped["malformed_dialogue"] += 1
+        return []
+    if len(turns) < 2:
+        skipped["too_few_turns"] += 1
+        return []
+    conversation_id = raw.get("conversation_id")
+    try:
+        conversation_id = int(conversation_id)
+    except (TypeError, ValueError):
+        skipped["malformed_dialogue"] += 1
+        return []
+    neg_texts, neg_keys = _negatives(raw, has_image, skipped)
+    target_turns = [len(turns) - 1] if target == "last" else range(1, len(turns))
+    queries = []
+    for t in target_turns:
+        gt = turns[t]
+        if not gt:
+            skipped["empty_target_turn"] += 1
+            continue
+        gt_keys = [v for kind, v in gt if kind == "image"]
+        if not all(has_image(k) for k in gt_keys):
+            skipped["missing_target_image"] += 1
+            continue
+        context = _context(turns[:t], has_image, skipped)
+        if not context:
+            skipped["empty_context"] += 1
+            continue
+        queries.append(MMDialogQuery(conversation_id, t, context,
+                                     gt_texts=[v for kind, v in gt if kind == "text"],
+                                     gt_media_keys=gt_keys, negative_texts=neg_texts,
+                                     negative_media_keys=neg_keys))
+    return queries
+
+
+def load_mmdialog(mmdialog_dir: str | Path, split: str = "test", target: str = "last",
+                  check_images: bool = True) -> tuple[list[MMDialogQuery], Counter]:
+    """Read ``<mmdialog_dir>/<split>/conversations.json`` into retrieval queries.
+
+    ``target="last"`` makes one query per dialogue (its last turn; the paper's setting);
+    ``"every"`` one per turn after the first. ``check_images=False`` skips the file existence
+    checks (faster on a slow file system, for callers that check later).
+
+    The Counter counts, by reason: ``too_few_turns``, ``malformed_dialogue`` (dialogues);
+    ``empty_target_turn``, ``missing_target_image``, ``empty_context`` (queries);
+    ``empty_text_element``, ``unknown_element``, ``missing_context_image``,
+    ``missing_negative_image``, ``empty_negative_text`` (dropped elements);
+    ``malformed_json_line`` (JSON Lines only). Context images that are missing are dropped
+    from the context (counted once per query that would have used them), while a missing
+    target image drops the query: without it the query has a positive that cannot be scored.
+    Raises FileNotFoundError / ValueError naming the file if it is missing, a truncated JSON
+    array, or yields no usable query.
+    """
+    if target not in TARGETS:
+        raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
+    path = conversations_path(mmdialog_dir, split)
+    skipped: Counter = Counter()
+    has_image = _ImageCheck(mmdialog_dir, split, check_images)
+    queries: list[MMDialogQuery] = []
+    n_dialogues = 0
+    for raw in read_dialogues(path, skipped):
+        n_dialogues += 1
+        queries.extend(_dialogue_queries(raw, target, has_image, skipped))
+    if n_dialogues == 0 and skipped["malformed_json_line"]:
+        raise ValueError(f"{path}: no line parses as JSON ({skipped['malformed_json_line']} "
+                         f"malformed lines); is it a truncated JSON array?")
+    if not queries:
+        raise ValueError(f"{path}: no usable query in {n_dialogues} dialogues "
+                         f"(skipped: {dict(skipped)})")
+    if skipped:
+        logger.warning("MMDialog %s: %d queries from %d dialogues, skipped %s", path,
+                       len(queries), n_dialogues, dict(skipped))
+    else:
+        logger.info("MMDialog %s: %d queries from %d dialogues", path, len(queries), n_dialogues)
+    return queries, skipped
