@@ -155,6 +155,15 @@ def test_ranks_from_sim_hand_example() -> None:
     assert ranks_from_sim(sim, torch.tensor([0, 2])).tolist() == [1, 1]
 
 
+def test_ranks_nan_scores_rank_last_like_argsort() -> None:
+    sim = torch.tensor([[float("nan"), 1.0, float("nan"), 0.0]])
+    # argsort(-sim, stable) = [1, 3, 0, 2]
+    ranks = [ranks_from_sim(sim, torch.tensor([p])).item() for p in range(4)]
+    assert ranks == [3, 1, 4, 2]
+    pools = ranks_in_pools(sim, torch.tensor([[True, False, False, False]]))
+    assert pools.tolist() == [3]  # behind 1.0 and 0.0; the NaN at col 2 is at a higher index
+
+
 # ---------------------------------------------------------------- multi-positive pools
 
 def test_ranks_in_pools_hand_example() -> None:

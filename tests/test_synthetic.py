@@ -1,4 +1,4 @@
-"""The synthetic generator: determinism, held-out pairs, and the three real formats field by field."""
+"""Synthetic generator: determinism, held-out pairs, the three real formats field by field."""
 
 from __future__ import annotations
 
@@ -104,7 +104,7 @@ def test_cc3m_tsv_format(data, meta):
         assert lines[0] == "caption\timage"
         rows = list(csv.reader(lines[1:], delimiter="\t"))
         assert len(rows) == n and all(len(r) == 2 for r in rows)
-        for (caption, image), item in zip(rows, meta["splits"][split]):
+        for (caption, image), item in zip(rows, meta["splits"][split], strict=True):
             assert caption == item["caption"] and image == item["image"]
             assert "/" not in image  # relative to the image dir
         with Image.open(data["image_dir"] / rows[0][1]) as img:
@@ -192,11 +192,11 @@ def test_mmdialog_format_field_by_field(data, meta):
     assert re.search(r":[a-z_]+:", text)  # emoji tokens
     # Negatives never show or name the target pair: no false negatives in the pool.
     media = meta["splits"]["mmdialog"]["media"]
-    for d, m in zip(dialogues, meta["splits"]["mmdialog"]["dialogues"]):
+    for d, m in zip(dialogues, meta["splits"]["mmdialog"]["dialogues"], strict=True):
         pair = tuple(m["target_pair"])
         assert all(pair not in object_pairs(media[k]) for k in d["negative_candidate_media_keys"])
-        target_texts = [e["__TEXT__"] for e in d["conversation"][-1]["turn"] if "__TEXT__" in e]
-        assert not set(target_texts) & set(d["negative_candidate_texts"])
+        texts = {e["__TEXT__"] for t in d["conversation"] for e in t["turn"] if "__TEXT__" in e}
+        assert not texts & set(d["negative_candidate_texts"])
         for e in d["conversation"][-1]["turn"]:
             if "__MEDIA__" in e:
                 assert pair in object_pairs(media[e["__MEDIA__"]])

@@ -7,8 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from unimur.visdial import (VisDialDialog, build_visdial_query, load_visdial, load_visdial_dense,
-                            visdial_image_path)
+from unimur.visdial import (
+    VisDialDialog,
+    build_visdial_query,
+    load_visdial,
+    load_visdial_dense,
+    visdial_image_path,
+)
 
 QUESTIONS = ["what color is the circle", "is it on the left", "how many objects are there"]
 ANSWERS = ["it is red", "yes", "two"]
@@ -41,7 +46,8 @@ def test_loads_dialogue_and_image_path(tmp_path):
     assert not skipped
     (d,) = dialogs
     assert d.image_id == 7 and d.caption == "a red circle"
-    assert d.image_path == tmp_path / "VisualDialog_val2018" / "VisualDialog_val2018_000000000007.jpg"
+    image_dir = tmp_path / "VisualDialog_val2018"
+    assert d.image_path == image_dir / "VisualDialog_val2018_000000000007.jpg"
     assert d.rounds == [("what color is the circle", "it is red"), ("is it on the left", "yes"),
                         ("how many objects are there", "two")]
 

@@ -94,11 +94,16 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.95)
     weight_decay: float = 0.0
     lr_warmup_steps: int = 100
+    lr_schedule_step_size: int = 10
+    """Epochs between learning-rate decays (FROMAGe's StepLR)."""
+    lr_schedule_gamma: float = 0.1
     grad_clip: float = 1.0
     grad_accumulation_steps: int = 1
     precision: str = "bf16"
     seed: int = 42
     print_freq: int = 100
+    save_every_steps: int = 0
+    """Also write the latest checkpoint every N optimizer steps (0: only at epoch ends)."""
     loss: LossConfig = field(default_factory=LossConfig)
 
     def __post_init__(self):

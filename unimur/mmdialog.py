@@ -20,9 +20,10 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -136,7 +137,7 @@ def _parse_turn(turn: Any, skipped: Counter) -> list[Segment] | None:
                 segments.append(("text", text))
             else:
                 skipped["empty_text_element"] += 1
-        elif isinstance(element, dict) and isinstance(element.get("__MEDIA__"), (str, int)):
+        elif isinstance(element, dict) and isinstance(element.get("__MEDIA__"), str | int):
             segments.append(("image", str(element["__MEDIA__"])))
         else:
             skipped["unknown_element"] += 1

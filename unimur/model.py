@@ -110,6 +110,17 @@ class UniMuR(nn.Module):
         names = {n for n, _ in self.trainable_named_parameters()}
         return {n: t for n, t in self.state_dict().items() if n in names}
 
+    def load_trainable_state_dict(self, state: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
+        """Load trainable weights strictly; a clear error names missing, unexpected or misshapen keys."""
+        own = self.trainable_state_dict()
+        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+        shapes = [f"{k}: {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+                  for k, v in own.items() if k in state and state[k].shape != v.shape]
+        if missing or unexpected or shapes:
+            raise ValueError(f"{source} does not match this model: missing {missing}, "
+                             f"unexpected {unexpected}, shape mismatches {shapes}")
+        self.load_state_dict(state, strict=False)
+
     def frozen_parameter_names(self) -> list[str]:
         return [n for n, p in self.named_parameters() if not p.requires_grad]
 
@@ -240,7 +251,8 @@ class UniMuR(nn.Module):
 
     def forward(self, image_features: ImageFeatures, text_features: torch.Tensor | None,
                 caption_ids: torch.Tensor, caption_mask: torch.Tensor,
-                ret_ids: torch.Tensor, ret_mask: torch.Tensor, with_lm: bool = False) -> UniMuROutput:
+                ret_ids: torch.Tensor, ret_mask: torch.Tensor, with_lm: bool = False,
+                with_text: bool = True) -> UniMuROutput:
         """One training batch: both LLM passes plus the alignment targets."""
         cap_in = self.cap_input(image_features)
         caption_nll, caption_tokens = self.caption_nll(cap_in, caption_ids, caption_mask)
@@ -250,7 +262,7 @@ class UniMuR(nn.Module):
             lm_nll, lm_tokens = self._token_nll(hidden[:, :-1], self._labels(ret_ids, ret_mask)[:, 1:])
         v = self.image_targets(image_features)
         t = None
-        if self.config.method == "unimur":
+        if self.config.method == "unimur" and with_text:
             if text_features is None:
                 raise ValueError("method=unimur needs CLIP-T text features")
             t = self.text_targets(text_features)

@@ -183,6 +183,22 @@ def topk_chunked(
     return _decode_keys(torch.cat(out_keys, dim=0))
 
 
+def _ahead(scores: Tensor, pos_scores: Tensor, lower: Tensor) -> Tensor:
+    """Bool mask of entries that rank ahead of a positive under the module's order.
+
+    Args:
+        scores: [r, c] candidate scores.
+        pos_scores: [r, 1] the positive's score per row.
+        lower: bool broadcastable to [r, c], True where the candidate's index is lower than
+            the positive's.
+    """
+    ahead = (scores > pos_scores) | ((scores == pos_scores) & lower)
+    nan_pos = torch.isnan(pos_scores)
+    if nan_pos.any():  # NaN ranks last: after every number, and after NaNs at a lower index
+        ahead |= nan_pos & (~torch.isnan(scores) | lower)
+    return ahead
+
+
 def _count_ahead(scores: Tensor, pos_scores: Tensor, pos_ids: Tensor, offset: int) -> Tensor:
     """Per row, how many entries of a score block rank ahead of the row's positive.
 
@@ -198,8 +214,7 @@ def _count_ahead(scores: Tensor, pos_scores: Tensor, pos_ids: Tensor, offset: in
         counted as ahead of itself.
     """
     ids = torch.arange(offset, offset + scores.shape[1], device=scores.device)[None, :]
-    s = pos_scores[:, None]
-    ahead = (scores > s) | ((scores == s) & (ids < pos_ids[:, None]))
+    ahead = _ahead(scores, pos_scores[:, None], ids < pos_ids[:, None])
     ahead &= ids != pos_ids[:, None]
     return ahead.sum(dim=1)
 
@@ -223,7 +238,9 @@ def ranks_of_positives(
     Returns:
         [Q] int64 ranks on ``queries.device``: position of the positive in the stable
         argsort of the full score row (ties: lower index first). Memory is bounded like
-        :func:`topk_chunked`.
+        :func:`topk_chunked`. The positive's own score comes from an elementwise product, so
+        a candidate within float rounding of it may be ordered differently than by the
+        chunked matmul; the positive itself is never counted ahead of itself.
     """
     _check_features(queries, index)
     positives = positives.to(device=queries.device, dtype=torch.int64)
@@ -313,7 +330,7 @@ def ranks_in_pools(
     negatives = valid_mask[rows] & ~positive_mask[rows]
     pos_scores = sim[rows, cols][:, None]
     ids = torch.arange(sim.shape[1], device=sim.device)[None, :]
-    ahead = (row_scores > pos_scores) | ((row_scores == pos_scores) & (ids < cols[:, None]))
+    ahead = _ahead(row_scores, pos_scores, ids < cols[:, None])
     return (ahead & negatives).sum(dim=1) + 1
 
 
@@ -343,8 +360,9 @@ def recall_metrics(ranks: Tensor, ks: Sequence[int] = (1, 5, 10)) -> dict[str, f
                 "median_rank": nan, "n": 0}
     if ranks.min() < 1:
         raise ValueError("ranks are 1-based; got a value < 1")
-    metrics: dict[str, float | int] = {f"R@{k}": 100.0 * hits_at_k(ranks, k).double().mean().item()
-                                 for k in ks}
+    metrics: dict[str, float | int] = {
+        f"R@{k}": 100.0 * hits_at_k(ranks, k).double().mean().item() for k in ks
+    }
     metrics["MRR"] = ranks.reciprocal().mean().item()
     metrics["mean_rank"] = ranks.mean().item()
     metrics["median_rank"] = ranks.quantile(0.5).item()  # linear: averages the middle pair

@@ -38,9 +38,10 @@ import json
 import logging
 import time
 import zlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -152,7 +153,8 @@ def _regular_polygon(cx: float, cy: float, radii: Sequence[float], start_deg: fl
     """Vertices evenly spaced in angle; ``radii`` cycles (two radii make a star)."""
     n = len(radii)
     angles = np.deg2rad(start_deg + 360.0 * np.arange(n) / n)
-    return [(cx + r * float(np.cos(a)), cy + r * float(np.sin(a))) for r, a in zip(radii, angles)]
+    return [(cx + r * float(np.cos(a)), cy + r * float(np.sin(a)))
+            for r, a in zip(radii, angles, strict=True)]
 
 
 def _draw_object(draw: ImageDraw.ImageDraw, obj: Obj, cx: float, cy: float, r: float) -> None:
@@ -215,7 +217,7 @@ def choose_heldout_pairs(seed: int, n_heldout: int) -> list[Pair]:
     rng = _rng(seed, "heldout")
     colours = [list(COLOURS)[i] for i in rng.permutation(len(COLOURS))]
     shapes = [SHAPES[i] for i in rng.permutation(len(SHAPES))]
-    return sorted(zip(colours[:n_heldout], shapes[:n_heldout]))
+    return sorted(zip(colours[:n_heldout], shapes[:n_heldout], strict=True))
 
 
 def sample_scene(rng: np.random.Generator, allowed: Sequence[Pair],
@@ -235,7 +237,8 @@ def sample_scene(rng: np.random.Generator, allowed: Sequence[Pair],
         if not free:  # cannot happen with the vocabulary above, but never loop forever
             break
         pairs.append(_pick(rng, free))
-    objects = tuple(Obj(c, s, _pick(rng, list(SIZES)), pos) for (c, s), pos in zip(pairs, positions))
+    objects = tuple(Obj(c, s, _pick(rng, list(SIZES)), pos)
+                    for (c, s), pos in zip(pairs, positions[:len(pairs)], strict=True))
     return Scene(background=_pick(rng, list(BACKGROUNDS)), objects=objects)
 
 
@@ -352,7 +355,8 @@ def visdial_rounds(scene: Scene, rng: np.random.Generator, n_rounds: int = 10
         optional.append((f"is there {_a(shape)}",
                          "yes, there is one" if shape in present else "no"))
     optional += [
-        ("what color is the background", _pick(rng, [scene.background, f"it is {scene.background}"])),
+        ("what color is the background",
+         _pick(rng, [scene.background, f"it is {scene.background}"])),
         ("is this a photo", "no, it is a drawing"),
         ("are there any people", "no"),
         ("is there any text", "no text"),
@@ -512,10 +516,13 @@ def _text_pool() -> tuple[list[str], list[Pair | None]]:
 
 
 def max_negatives() -> int:
-    """Largest ``n_negatives`` the text pool supports once a target pair is excluded."""
+    """Largest ``n_negatives`` the text pool supports once a target pair is excluded.
+
+    Chit-chat texts are not counted either: a dialogue's own turns may use some of them.
+    """
     texts, pairs = _text_pool()
     worst = max(sum(p == q for p in pairs) for q in all_pairs())
-    return len(texts) - worst
+    return len(texts) - worst - len(_CHITCHAT)
 
 
 def _opening_turns(rng: np.random.Generator) -> list[list[dict[str, str]]]:
@@ -570,7 +577,8 @@ def _make_dialogue(rng: np.random.Generator, pair: Pair, new_image: Callable[[Pa
 def _write_mmdialog(out: Path, n: int, seed: int, image_size: int, n_negatives: int,
                     seen: Sequence[Pair], heldout: Sequence[Pair], heldout_frac: float
                     ) -> dict[str, Any]:
-    """MMDialog test: dialogues plus 999 negative texts/images drawn from one shared pool."""
+    """MMDialog test: dialogues plus ``n_negatives`` negative texts and images per dialogue,
+    drawn from one shared pool (no pool at all when ``n`` is 0)."""
     rng = _rng(seed, "mmdialog")
     root = out / "MMDialog" / "test"
     taken: set[str] = set()
@@ -587,7 +595,7 @@ def _write_mmdialog(out: Path, n: int, seed: int, image_size: int, n_negatives: 
 
     # Shared negative image pool. Each pair may appear in at most `slack` pool images, so that
     # for any target pair at least n_negatives pool images do not show it (no false negatives).
-    pool_size = n_negatives + max(10, n_negatives // 4)
+    pool_size = n_negatives + max(10, n_negatives // 4) if n else 0
     slack = pool_size - n_negatives
     pool_keys: list[str] = []
     pair_count: dict[Pair, int] = {p: 0 for p in all_pairs()}
@@ -607,9 +615,12 @@ def _write_mmdialog(out: Path, n: int, seed: int, image_size: int, n_negatives: 
         is_heldout = bool(heldout) and bool(rng.random() < heldout_frac)
         pair = _pick(rng, heldout) if is_heldout else _pick(rng, seen)
         turns, scenario = _make_dialogue(rng, pair, new_image)
-        gt_texts = {e["__TEXT__"] for e in turns[-1] if "__TEXT__" in e}
-        ok_images = [k for k, ps in zip(pool_keys, pool_pairs) if pair not in ps]
-        ok_texts = [t for t, p in zip(texts, text_pairs) if p != pair and t not in gt_texts]
+        # Excluding every text of the dialogue (not only the last turn's) keeps the pool free of
+        # false negatives for the "every turn" target option too.
+        own_texts = {e["__TEXT__"] for turn in turns for e in turn if "__TEXT__" in e}
+        ok_images = [k for k, ps in zip(pool_keys, pool_pairs, strict=True) if pair not in ps]
+        ok_texts = [t for t, p in zip(texts, text_pairs, strict=True)
+                    if p != pair and t not in own_texts]
         neg_images = [ok_images[int(j)] for j in rng.choice(len(ok_images), n_negatives,
                                                             replace=False)]
         neg_texts = [ok_texts[int(j)] for j in rng.choice(len(ok_texts), n_negatives,
@@ -624,7 +635,8 @@ def _write_mmdialog(out: Path, n: int, seed: int, image_size: int, n_negatives: 
     # One dialogue per line inside the array: still one JSON array, but readable and diffable.
     root.mkdir(parents=True, exist_ok=True)
     body = ",\n".join(json.dumps(d, ensure_ascii=True) for d in dialogues)
-    (root / "conversations.json").write_text(f"[\n{body}\n]\n", encoding="utf-8")
+    (root / "conversations.json").write_text(f"[\n{body}\n]\n" if body else "[]\n",
+                                             encoding="utf-8")
     return {"dialogues": meta, "negative_pool_media_keys": pool_keys, "media": media_meta}
 
 

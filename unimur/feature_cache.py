@@ -1,0 +1,652 @@
+"""Frozen CLIP features of a caption dataset, computed once and reused (SPEC section 2).
+
+CLIP is frozen, so the CLIP-V (pooled + joint embedding) and CLIP-T features of a fixed
+dataset never change; caching them removes image decoding and the CLIP forward from every
+training step.
+
+Files, in ``cache_dir`` (``name`` defaults to ``features``):
+
+* ``<name>.safetensors``: tensors ``image_pooled`` (N, Dp), ``image_embed`` (N, Dv),
+  ``text_embed`` (N, Dt) in the storage dtype, ``valid`` (N,) bool and ``skip_code`` (N,) uint8
+  (0 = valid, else 1 + index in :data:`unimur.data.IMAGE_SKIP_REASONS`), one row per
+  :class:`~unimur.data.CaptionRow`, in row order. Invalid rows hold zero image features.
+* ``<name>.json``: the sidecar: cache key and the parts it hashes, row/valid counts, skip
+  counts, dims, file size and SHA-256. It is written last, so it marks a finished build.
+
+Nothing is pickled. The data file is read through a memory map (zero-copy): at CC3M scale
+with ViT-L/14 it holds ~3.3M x 2560 values, 17 GB in fp16, and every rank and DataLoader
+worker then shares one page-cached copy instead of holding its own.
+
+Key (:func:`cache_key`): SHA-256 over the encoder identity (weights and preprocessing), the
+storage dtype, the image checks that decide validity, and the dataset content: per row the
+caption, the image file name, its size and mtime. Copying the images without preserving
+mtimes therefore triggers a rebuild (safe, not free).
+
+Multi-GPU build: when torch.distributed is initialised every rank encodes a contiguous
+shard of the rows and writes ``<name>.shard-<r>-of-<W>.<key>.safetensors`` into
+``cache_dir``; after a barrier rank 0 merges the shards into a temporary file and
+``os.replace``s it into place, then every rank loads the result. ``cache_dir`` must
+therefore be on a filesystem shared by all ranks.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import struct
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from .data import (
+    IMAGE_SKIP_REASONS,
+    CaptionDataset,
+    CaptionRow,
+    ImageChecks,
+    read_caption_tsv,
+)
+from .distributed import barrier, get_rank, get_world_size, is_initialized, is_main_process
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "FORMAT",
+    "FORMAT_VERSION",
+    "STORAGE_DTYPES",
+    "FeatureCache",
+    "CacheMiss",
+    "cache_key",
+    "cache_paths",
+    "build_feature_cache",
+    "load_feature_cache",
+    "load_or_build_feature_cache",
+    "CachedCaptionDataset",
+    "build_cached_cc3m_dataset",
+]
+
+FORMAT = "unimur-feature-cache"
+FORMAT_VERSION = 1
+STORAGE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+FEATURE_NAMES = ("image_pooled", "image_embed", "text_embed")
+# Float tensors first: every tensor then starts at an offset aligned to its element size.
+TENSOR_NAMES = (*FEATURE_NAMES, "valid", "skip_code")
+
+_SAFETENSORS_DTYPES = {
+    torch.float32: "F32",
+    torch.bfloat16: "BF16",
+    torch.float16: "F16",
+    torch.bool: "BOOL",
+    torch.uint8: "U8",
+}
+# numpy has no bfloat16: map it as int16 and reinterpret in torch.
+_NUMPY_VIEWS = {"F32": np.float32, "F16": np.float16, "BF16": np.int16, "BOOL": np.bool_, "U8": np.uint8}
+_TORCH_FROM_CODE = {code: dtype for dtype, code in _SAFETENSORS_DTYPES.items()}
+_MAX_HEADER_BYTES = 100 * 2**20  # a larger header is garbage, not a cache
+_WRITE_CHUNK_BYTES = 64 * 2**20
+
+
+class CacheMiss(Exception):
+    """No usable cache. kind: ``missing`` (never built), ``stale`` (key changed), ``corrupt``."""
+
+    def __init__(self, kind: str, detail: str):
+        super().__init__(f"{kind}: {detail}")
+        self.kind = kind
+        self.detail = detail
+
+
+# --------------------------------------------------------------------------------- key
+
+
+def _dtype_name(dtype: str | torch.dtype) -> str:
+    """Storage dtype as one of STORAGE_DTYPES' names."""
+    if isinstance(dtype, torch.dtype):
+        for name, value in STORAGE_DTYPES.items():
+            if value == dtype:
+                return name
+    elif dtype in STORAGE_DTYPES:
+        return dtype
+    raise ValueError(f"unsupported cache dtype {dtype!r}; use one of {sorted(STORAGE_DTYPES)}")
+
+
+def dataset_fingerprint(rows: Sequence[CaptionRow]) -> str:
+    """SHA-256 of the rows' captions, image file names, sizes and mtimes, in order."""
+    h = hashlib.sha256()
+    for row in rows:
+        try:
+            st = os.stat(row.image_path)
+            size, mtime = st.st_size, st.st_mtime_ns
+        except OSError:  # vanished since the TSV was read: still a definite dataset state
+            size, mtime = -1, -1
+        # JSON-encode each row so captions containing tabs/newlines cannot collide.
+        h.update(json.dumps([row.caption, os.path.basename(row.image_path), size, mtime]).encode())
+        h.update(b"\n")
+    return h.hexdigest()
+
+
+def _key_parts(encoders, rows: Sequence[CaptionRow], dtype: str | torch.dtype, checks: ImageChecks) -> dict[str, Any]:
+    """Everything the cached content depends on, by name (stored in the sidecar, so a stale
+    cache can say which part changed)."""
+    return {
+        "format": f"{FORMAT}/{FORMAT_VERSION}",
+        "encoder_identity": encoders.identity,
+        "dtype": _dtype_name(dtype),
+        "image_checks": repr(checks),
+        "skip_reasons": list(IMAGE_SKIP_REASONS),
+        "num_rows": len(rows),
+        "dataset": dataset_fingerprint(rows),
+    }
+
+
+def _key_from_parts(parts: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def cache_key(encoders, rows: Sequence[CaptionRow], dtype: str | torch.dtype, checks: ImageChecks = ImageChecks()) -> str:
+    """Hex SHA-256 identifying the cache content (see module docstring)."""
+    return _key_from_parts(_key_parts(encoders, rows, dtype, checks))
+
+
+def cache_paths(cache_dir: str | os.PathLike, name: str = "features") -> tuple[Path, Path]:
+    """(data file, sidecar) of a cache."""
+    cache_dir = Path(cache_dir)
+    return cache_dir / f"{name}.safetensors", cache_dir / f"{name}.json"
+
+
+# ------------------------------------------------------------------- safetensors I/O
+#
+# The safetensors layout (8-byte little-endian header length, JSON header, raw data) is
+# written and memory-mapped here directly: the reference writer needs every tensor in
+# memory at once and the reference loader copies; streaming the merge shard by shard and
+# mapping the result keeps a 17 GB cache out of each process's private memory. The files
+# stay readable by `safetensors.torch.load_file`.
+
+
+def _write_safetensors(path: Path, tensors: dict[str, list[torch.Tensor]], metadata: dict[str, str]) -> str:
+    """Write tensors, each given as pieces concatenated along dim 0; return the file's SHA-256."""
+    assert sys.byteorder == "little", "safetensors stores little-endian data"
+    header: dict[str, Any] = {}
+    offset = 0
+    for name, pieces in tensors.items():
+        shape = [sum(p.shape[0] for p in pieces), *pieces[0].shape[1:]]
+        nbytes = math.prod(shape) * pieces[0].element_size()
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[pieces[0].dtype], "shape": shape, "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    header["__metadata__"] = metadata
+    header_bytes = json.dumps(header, separators=(",", ":")).encode()
+    header_bytes += b" " * (-len(header_bytes) % 8)  # keeps the data section 8-byte aligned
+    digest = hashlib.sha256()
+    with open(path, "wb") as f:
+        for chunk in (struct.pack("<Q", len(header_bytes)), header_bytes):
+            f.write(chunk)
+            digest.update(chunk)
+        for pieces in tensors.values():
+            for piece in pieces:
+                for chunk in _byte_chunks(piece):
+                    f.write(chunk)
+                    digest.update(chunk)
+        f.flush()
+        os.fsync(f.fileno())
+    return digest.hexdigest()
+
+
+def _byte_chunks(t: torch.Tensor) -> Iterable[memoryview]:
+    """The raw bytes of `t` in row chunks (bounded extra memory for huge tensors)."""
+    t = t.detach().cpu().contiguous()
+    if t.numel() == 0:
+        return
+    row_bytes = max(t[0].numel() * t.element_size(), 1)
+    step = max(_WRITE_CHUNK_BYTES // row_bytes, 1)
+    for start in range(0, t.shape[0], step):
+        part = t[start : start + step].contiguous().view(torch.uint8) if t.dtype != torch.uint8 else t[start : start + step]
+        yield memoryview(part.numpy()).cast("B")
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Memory-map a safetensors file (copy-on-write); raise CacheMiss('corrupt') on any damage."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise CacheMiss("corrupt", f"{path}: {size} bytes, shorter than a safetensors header")
+        n = struct.unpack("<Q", prefix)[0]
+        if n > min(size - 8, _MAX_HEADER_BYTES):
+            raise CacheMiss("corrupt", f"{path}: header length {n} does not fit a {size}-byte file")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CacheMiss("corrupt", f"{path}: unreadable header ({e})") from e
+    if not isinstance(header, dict):
+        raise CacheMiss("corrupt", f"{path}: header is not a JSON object")
+    metadata = header.pop("__metadata__", {}) or {}
+    data_start, data_size = 8 + n, size - 8 - n
+    specs = {name: _tensor_spec(path, name, info, data_size) for name, info in header.items()}
+    end = max((s[3] for s in specs.values()), default=0)
+    if end != data_size:
+        raise CacheMiss("corrupt", f"{path}: data section is {data_size} bytes, tensors describe {end} (truncated?)")
+    if data_size == 0:
+        return {name: torch.empty(shape, dtype=_TORCH_FROM_CODE[code]) for name, (code, shape, _, _) in specs.items()}, metadata
+    raw = np.memmap(path, dtype=np.uint8, mode="c", offset=data_start, shape=(data_size,))
+    tensors = {}
+    for name, (code, shape, begin, stop) in specs.items():
+        arr = raw[begin:stop].view(_NUMPY_VIEWS[code]).reshape(shape)
+        t = torch.from_numpy(arr)
+        tensors[name] = t.view(torch.bfloat16) if code == "BF16" else t
+    return tensors, metadata
+
+
+def _tensor_spec(path: Path, name: str, info: Any, data_size: int) -> tuple[str, list[int], int, int]:
+    """Validate one header entry: (dtype code, shape, begin, end)."""
+    try:
+        code, shape, (begin, stop) = info["dtype"], [int(d) for d in info["shape"]], info["data_offsets"]
+        itemsize = np.dtype(_NUMPY_VIEWS[code]).itemsize
+    except (KeyError, TypeError, ValueError) as e:
+        raise CacheMiss("corrupt", f"{path}: bad header entry for {name!r}: {info!r}") from e
+    if not (0 <= begin <= stop <= data_size) or stop - begin != math.prod(shape) * itemsize:
+        raise CacheMiss("corrupt", f"{path}: tensor {name!r} offsets {begin}..{stop} do not match shape {shape} / file")
+    return code, shape, begin, stop
+
+
+def _file_sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+# ------------------------------------------------------------------------------ cache
+
+
+@dataclass
+class FeatureCache:
+    """Cached CLIP features of a row list (tensors are memory-mapped, row order = rows).
+
+    image_pooled (N, Dp), image_embed (N, Dv), text_embed (N, Dt): storage dtype.
+    valid (N,) bool; skip_code (N,) uint8: 0 valid, else 1 + IMAGE_SKIP_REASONS index.
+    """
+
+    path: Path
+    key: str
+    image_pooled: torch.Tensor
+    image_embed: torch.Tensor
+    text_embed: torch.Tensor
+    valid: torch.Tensor
+    skip_code: torch.Tensor
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.valid.shape[0])
+
+    @property
+    def num_valid(self) -> int:
+        return int(self.valid.sum())
+
+    def skip_counts(self) -> Counter:
+        """Invalid rows per reason."""
+        codes = Counter(self.skip_code[~self.valid].tolist())
+        return Counter({_reason_of(code): n for code, n in codes.items()})
+
+    # DataLoader workers started with "spawn" pickle the dataset: send the path, not the
+    # gigabytes, and map the file again on the other side.
+    def __getstate__(self) -> dict[str, Any]:
+        return {"path": self.path, "key": self.key, "metadata": self.metadata}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        tensors, _ = _read_safetensors(Path(state["path"]))
+        self.__dict__.update(state)
+        self.__dict__.update({name: tensors[name] for name in TENSOR_NAMES})
+
+
+def _reason_of(code: int) -> str:
+    return IMAGE_SKIP_REASONS[code - 1] if 1 <= code <= len(IMAGE_SKIP_REASONS) else f"code_{code}"
+
+
+def _code_of(reason: str) -> int:
+    return IMAGE_SKIP_REASONS.index(reason) + 1
+
+
+def load_feature_cache(
+    cache_dir: str | os.PathLike,
+    name: str = "features",
+    expected_key: str | None = None,
+    expected_parts: dict[str, Any] | None = None,
+    verify_checksum: bool = True,
+) -> FeatureCache:
+    """Open a finished cache; raise CacheMiss (missing / stale / corrupt) if it is not usable.
+
+    verify_checksum: re-hash the data file against the sidecar's SHA-256 (reads the whole
+    file once; catches flipped bytes that keep the layout valid). Size and header layout are
+    always checked.
+    """
+    data_path, sidecar_path = cache_paths(cache_dir, name)
+    sidecar = _read_sidecar(sidecar_path)
+    if expected_key is not None and sidecar.get("key") != expected_key:
+        raise CacheMiss("stale", _what_changed(sidecar.get("parts", {}), expected_parts))
+    if not data_path.is_file():
+        raise CacheMiss("corrupt", f"{data_path} is missing next to its sidecar")
+    if data_path.stat().st_size != sidecar.get("file_bytes"):
+        raise CacheMiss("corrupt", f"{data_path}: {data_path.stat().st_size} bytes, sidecar says {sidecar.get('file_bytes')} (truncated?)")
+    if verify_checksum and _file_sha256(data_path) != sidecar.get("sha256"):
+        raise CacheMiss("corrupt", f"{data_path}: SHA-256 differs from the sidecar")
+    tensors, _ = _read_safetensors(data_path)
+    _check_tensors(data_path, tensors, sidecar.get("num_rows"))
+    return FeatureCache(path=data_path, key=sidecar["key"], metadata=sidecar, **{n: tensors[n] for n in TENSOR_NAMES})
+
+
+def _read_sidecar(sidecar_path: Path) -> dict[str, Any]:
+    if not sidecar_path.is_file():
+        raise CacheMiss("missing", f"no cache at {sidecar_path.parent} ({sidecar_path.name} absent)")
+    try:
+        sidecar = json.loads(sidecar_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CacheMiss("corrupt", f"{sidecar_path}: unreadable ({e})") from e
+    if not isinstance(sidecar, dict) or sidecar.get("format") != FORMAT or not isinstance(sidecar.get("key"), str):
+        raise CacheMiss("corrupt", f"{sidecar_path}: not a {FORMAT} sidecar")
+    return sidecar
+
+
+def _what_changed(old: dict[str, Any], new: dict[str, Any] | None) -> str:
+    if new is None:
+        return "cache key differs"
+    labels = {"encoder_identity": "encoder identity", "dtype": "storage dtype", "dataset": "dataset content",
+              "num_rows": "number of rows", "image_checks": "image checks", "format": "cache format",
+              "skip_reasons": "skip reason table"}
+    changed = [labels.get(k, k) for k in new if old.get(k) != new.get(k)]
+    return f"{', '.join(changed) or 'cache key'} changed"
+
+
+def _check_tensors(path: Path, tensors: dict[str, torch.Tensor], num_rows: Any) -> None:
+    missing = [n for n in TENSOR_NAMES if n not in tensors]
+    if missing:
+        raise CacheMiss("corrupt", f"{path}: tensors {missing} missing")
+    if any(tensors[n].shape[0] != num_rows for n in TENSOR_NAMES):
+        shapes = {n: list(tensors[n].shape) for n in TENSOR_NAMES}
+        raise CacheMiss("corrupt", f"{path}: tensor shapes {shapes} do not match {num_rows} rows")
+
+
+# ------------------------------------------------------------------------------ build
+
+
+class _PositionedDataset(Dataset):
+    """CaptionDataset samples plus their position in the row list (row.index is a TSV line)."""
+
+    def __init__(self, inner: CaptionDataset):
+        self.inner = inner
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        sample = self.inner[i]
+        sample["pos"] = i
+        return sample
+
+
+def _collate_for_encoding(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """Positions, captions and skip codes of all samples; pixels of the usable ones."""
+    ok = [s for s in samples if s.get("skip") is None]
+    return {
+        "pos": torch.tensor([s["pos"] for s in samples], dtype=torch.long),
+        "captions": [s["caption"] for s in samples],
+        "codes": torch.tensor([0 if s.get("skip") is None else _code_of(s["skip"]) for s in samples], dtype=torch.uint8),
+        "ok_pos": torch.tensor([s["pos"] for s in ok], dtype=torch.long),
+        "pixels": torch.stack([s["pixels"] for s in ok]) if ok else None,
+    }
+
+
+@torch.no_grad()
+def _encode_rows(
+    rows: Sequence[CaptionRow],
+    encoders,
+    dtype: torch.dtype,
+    batch_size: int,
+    num_workers: int,
+    checks: ImageChecks,
+    desc: str = "CLIP features",
+) -> dict[str, torch.Tensor]:
+    """Features of `rows` in order: image features zero where the image is unusable."""
+    n = len(rows)
+    out = {
+        "image_pooled": torch.zeros((n, encoders.image_pooled_dim), dtype=dtype),
+        "image_embed": torch.zeros((n, encoders.image_embed_dim), dtype=dtype),
+        "text_embed": torch.zeros((n, encoders.text_embed_dim), dtype=dtype),
+        "skip_code": torch.zeros((n,), dtype=torch.uint8),
+    }
+    dataset = _PositionedDataset(CaptionDataset(list(rows), encoders.preprocess, checks=checks))
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, shuffle=False,
+                        collate_fn=_collate_for_encoding)
+    for batch in tqdm(loader, desc=desc, unit="batch", disable=not is_main_process() or n == 0):
+        pos = batch["pos"]
+        out["skip_code"][pos] = batch["codes"]
+        out["text_embed"][pos] = encoders.encode_text(batch["captions"]).to("cpu", dtype)
+        if batch["pixels"] is not None:
+            feats = encoders.encode_image(batch["pixels"])
+            out["image_pooled"][batch["ok_pos"]] = feats.pooled.to("cpu", dtype)
+            out["image_embed"][batch["ok_pos"]] = feats.embed.to("cpu", dtype)
+    out["valid"] = out["skip_code"] == 0
+    return {name: out[name] for name in TENSOR_NAMES}
+
+
+def _shard_bounds(n: int, rank: int, world: int) -> tuple[int, int]:
+    """Contiguous [start, end) of rank's share of n rows (sizes differ by at most one)."""
+    return n * rank // world, n * (rank + 1) // world
+
+
+def _shard_path(cache_dir: Path, name: str, key: str, rank: int, world: int) -> Path:
+    return cache_dir / f"{name}.shard-{rank}-of-{world}.{key[:16]}.safetensors"
+
+
+def _write_final(
+    cache_dir: Path, name: str, pieces: dict[str, list[torch.Tensor]], key: str, parts: dict[str, Any], extra: dict[str, Any]
+) -> None:
+    """Write data file then sidecar, each via temp file + os.replace (a crash never leaves a
+    half-written cache that looks finished: without a matching sidecar it is a miss)."""
+    data_path, sidecar_path = cache_paths(cache_dir, name)
+    sidecar_path.unlink(missing_ok=True)  # invalidate first: the old sidecar must not vouch for the new file
+    tmp = data_path.with_name(f"{data_path.name}.tmp-{os.getpid()}")
+    try:
+        sha = _write_safetensors(tmp, pieces, {"format": FORMAT, "key": key})
+        os.replace(tmp, data_path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    valid = torch.cat(pieces["valid"])
+    codes = torch.cat(pieces["skip_code"])
+    skipped = Counter({_reason_of(c): n for c, n in Counter(codes[~valid].tolist()).items()})
+    sidecar = {
+        "format": FORMAT, "version": FORMAT_VERSION, "key": key, "parts": parts,
+        "num_rows": int(valid.shape[0]), "num_valid": int(valid.sum()), "skipped": dict(sorted(skipped.items())),
+        "dims": {n: int(pieces[n][0].shape[1]) for n in FEATURE_NAMES},
+        "file": data_path.name, "file_bytes": data_path.stat().st_size, "sha256": sha,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **extra,
+    }
+    tmp_sidecar = sidecar_path.with_name(f"{sidecar_path.name}.tmp-{os.getpid()}")
+    tmp_sidecar.write_text(json.dumps(sidecar, indent=1))
+    os.replace(tmp_sidecar, sidecar_path)
+
+
+def _merge_shards(shard_paths: list[Path]) -> dict[str, list[torch.Tensor]]:
+    """Memory-mapped pieces of every tensor, in rank order (the writer streams them)."""
+    shards = [_read_safetensors(p)[0] for p in shard_paths]
+    return {name: [s[name] for s in shards] for name in TENSOR_NAMES}
+
+
+def build_feature_cache(
+    rows: Sequence[CaptionRow],
+    encoders,
+    cache_dir: str | os.PathLike,
+    *,
+    name: str = "features",
+    dtype: str | torch.dtype = "fp32",
+    batch_size: int = 64,
+    num_workers: int = 0,
+    device: str | torch.device | None = None,
+    checks: ImageChecks = ImageChecks(),
+) -> FeatureCache:
+    """Encode every row with the frozen encoders and write the cache; return it loaded.
+
+    A collective when torch.distributed is initialised (call on every rank): each rank
+    encodes its shard, rank 0 merges. device: move `encoders` there first (in place);
+    None keeps them where they are. Unusable images are recorded in `valid`/`skip_code`.
+    """
+    started = time.time()
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    storage = STORAGE_DTYPES[_dtype_name(dtype)]
+    parts = _key_parts(encoders, rows, dtype, checks)
+    key = _key_from_parts(parts)
+    if device is not None:
+        encoders.to(device)
+    rank, world = get_rank(), get_world_size()
+    start, end = _shard_bounds(len(rows), rank, world)
+    features = _encode_rows(rows[start:end], encoders, storage, batch_size, num_workers, checks,
+                            desc=f"CLIP features ({name}, rank {rank}/{world})")
+    extra = {"world_size": world, "build_seconds": None}
+    if world == 1:
+        extra["build_seconds"] = round(time.time() - started, 3)
+        _write_final(cache_dir, name, {k: [v] for k, v in features.items()}, key, parts, extra)
+    else:
+        _write_safetensors(_shard_path(cache_dir, name, key, rank, world), {k: [v] for k, v in features.items()}, {})
+        del features
+        barrier()
+        if is_main_process():
+            shard_paths = [_shard_path(cache_dir, name, key, r, world) for r in range(world)]
+            extra["build_seconds"] = round(time.time() - started, 3)
+            _write_final(cache_dir, name, _merge_shards(shard_paths), key, parts, extra)
+            for p in shard_paths:
+                p.unlink(missing_ok=True)
+        barrier()
+    cache = load_feature_cache(cache_dir, name, expected_key=key, verify_checksum=False)
+    _log_built(cache, time.time() - started)
+    return cache
+
+
+def _log_built(cache: FeatureCache, seconds: float) -> None:
+    if is_main_process():
+        skipped = cache.skip_counts()
+        logger.info(
+            "built feature cache %s: %d rows, %d valid, %d unusable images (%s) in %.1fs",
+            cache.path, cache.num_rows, cache.num_valid, sum(skipped.values()),
+            ", ".join(f"{k}={v}" for k, v in sorted(skipped.items())) or "none", seconds,
+        )
+
+
+def _all_ranks_true(flag: bool) -> bool:
+    """Logical AND of `flag` over ranks, so all ranks take the same hit/rebuild branch (the
+    build is a collective; ranks diverging there would deadlock in its barriers)."""
+    if not is_initialized() or get_world_size() == 1:
+        return flag
+    import torch.distributed as dist
+
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    t = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())
+
+
+def load_or_build_feature_cache(
+    rows: Sequence[CaptionRow],
+    encoders,
+    cache_dir: str | os.PathLike,
+    *,
+    name: str = "features",
+    dtype: str | torch.dtype = "fp32",
+    batch_size: int = 64,
+    num_workers: int = 0,
+    device: str | torch.device | None = None,
+    checks: ImageChecks = ImageChecks(),
+    verify_checksum: bool = True,
+) -> FeatureCache:
+    """The cache for (encoders, rows, dtype): loaded on a hit, (re)built when missing, stale
+    (key changed) or corrupt; the reason is logged. A collective under torch.distributed."""
+    parts = _key_parts(encoders, rows, dtype, checks)
+    key = _key_from_parts(parts)
+    cache, miss = None, None
+    try:
+        cache = load_feature_cache(cache_dir, name, expected_key=key, expected_parts=parts, verify_checksum=verify_checksum)
+    except CacheMiss as e:
+        miss = e
+    if _all_ranks_true(cache is not None):
+        if is_main_process():
+            logger.info("feature cache hit: %s (%d rows, %d valid)", cache.path, cache.num_rows, cache.num_valid)
+        return cache
+    if is_main_process():
+        if miss is None:
+            logger.info("feature cache in %s unusable on another rank: rebuilding", cache_dir)
+        elif miss.kind == "missing":
+            logger.info("feature cache miss (%s): building", miss.detail)
+        elif miss.kind == "stale":
+            logger.info("feature cache stale in %s (%s): rebuilding", cache_dir, miss.detail)
+        else:
+            logger.warning("feature cache corrupt (%s): rebuilding", miss.detail)
+    del cache  # drop the mapping of a file that is about to be replaced
+    return build_feature_cache(rows, encoders, cache_dir, name=name, dtype=dtype, batch_size=batch_size,
+                               num_workers=num_workers, device=device, checks=checks)
+
+
+# ---------------------------------------------------------------------------- dataset
+
+
+class CachedCaptionDataset(Dataset):
+    """Like :class:`~unimur.data.CaptionDataset` but samples carry cached CLIP features.
+
+    A sample is ``{"index", "caption", "image_pooled", "image_embed", "text_embed"}``
+    (no image decoding). Rows whose image was unusable when the cache was built are
+    excluded up front; ``skipped`` counts them per reason, ``read_skipped`` holds the TSV
+    row-level counts when given. Use with :class:`~unimur.data.CaptionCollator`.
+    """
+
+    def __init__(self, rows: Sequence[CaptionRow], cache: FeatureCache, read_skipped: Counter | None = None):
+        if len(rows) != cache.num_rows:
+            raise ValueError(f"{cache.path} holds {cache.num_rows} rows, the dataset has {len(rows)}: wrong cache")
+        self.rows = list(rows)
+        self.cache = cache
+        self.positions = torch.nonzero(cache.valid).flatten()  # (M,) row positions with a usable image
+        self.skipped = cache.skip_counts()
+        self.read_skipped = Counter(read_skipped or {})
+        if len(self.positions) == 0:
+            raise ValueError(f"{cache.path}: none of the {len(rows)} images is usable ({dict(self.skipped)})")
+        if is_main_process():
+            logger.info(
+                "cached dataset: %d of %d rows usable, %d excluded (%s)",
+                len(self.positions), len(rows), sum(self.skipped.values()),
+                ", ".join(f"{k}={v}" for k, v in sorted(self.skipped.items())) or "none",
+            )
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        pos = int(self.positions[i])
+        row = self.rows[pos]
+        return {
+            "index": row.index,
+            "caption": row.caption,
+            # clone: detach the sample from the memory map before it crosses process boundaries
+            "image_pooled": self.cache.image_pooled[pos].clone(),
+            "image_embed": self.cache.image_embed[pos].clone(),
+            "text_embed": self.cache.text_embed[pos].clone(),
+        }
+
+
+def build_cached_cc3m_dataset(
+    dataset_dir: str | os.PathLike,
+    image_dir: str | os.PathLike,
+    encoders,
+    cache_dir: str | os.PathLike,
+    split: str = "train",
+    **cache_kwargs: Any,
+) -> CachedCaptionDataset:
+    """Read ``<dataset_dir>/cc3m_<split>.tsv``, load or build its cache (named ``cc3m_<split>``)."""
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    rows, read_skipped = read_caption_tsv(Path(dataset_dir) / f"cc3m_{split}.tsv", image_dir)
+    cache = load_or_build_feature_cache(rows, encoders, cache_dir, name=f"cc3m_{split}", **cache_kwargs)
+    return CachedCaptionDataset(rows, cache, read_skipped=read_skipped)
