@@ -20,6 +20,7 @@ from unimur.data import (
     CaptionDataset,
     CaptionRow,
     ImageChecks,
+    RowTable,
     SkipCounter,
     UnusableImage,
     build_cc3m_datasets,
@@ -135,6 +136,15 @@ def test_reader_counts_each_bad_row_kind(fixture_dir):
     assert [r.caption for r in rows] == expected  # quotes kept verbatim, no line swallowed
     assert rows[0] == CaptionRow(index=0, caption="a red square", image_path=str(image_dir / "rgb.jpg"))
     assert rows[2].index == 6  # line index in the file (after the header), bad rows included
+
+
+def test_row_table_round_trips(fixture_dir):
+    rows, _ = read_caption_tsv(*fixture_dir)
+    rows.append(CaptionRow(index=99, caption="ünïcödé 🐶 \"q\"", image_path="/x/y.jpg"))
+    table = RowTable(rows)
+    assert len(table) == len(rows) and list(table) == rows
+    assert table[-1] == rows[-1] and table[1:3] == rows[1:3]
+    assert len(RowTable([])) == 0
 
 
 def test_reader_accepts_bom_crlf_and_subdirectories(tmp_path):

@@ -179,6 +179,7 @@ def test_key_changes_invalidate(data, encoders, tmp_path, caplog):
     cache = load_or_build_feature_cache(rows2, enc, cache_dir, dtype="bf16")
     assert enc.calls["image"] > 0 and "storage dtype changed" in _messages(caplog)
     assert cache.image_embed.dtype == torch.bfloat16
+    torch.testing.assert_close(cache.text_embed[3], encoders.encode_text(['picture "three" of a thing'])[0].bfloat16())
     enc = CountingEncoders(encoders)
     assert load_or_build_feature_cache(rows2, enc, cache_dir, dtype="bf16").image_embed.dtype == torch.bfloat16
     assert enc.calls == Counter()

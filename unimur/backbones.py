@@ -60,8 +60,12 @@ def tiny_opt_config():
     )
 
 
-def load_llm(name: str, dtype: str = "fp32") -> nn.Module:
-    """A frozen causal LM by identifier (see module docstring)."""
+def load_llm(name: str, dtype: str = "fp32", weights: bool = True) -> nn.Module:
+    """A frozen causal LM by identifier (see module docstring).
+
+    weights=False builds the architecture only (use under `torch.device("meta")` to check
+    shapes without loading gigabytes).
+    """
     torch_dtype = DTYPES[dtype]
     if name == "tiny-opt":
         from transformers import OPTForCausalLM
@@ -70,6 +74,10 @@ def load_llm(name: str, dtype: str = "fp32") -> nn.Module:
             torch.manual_seed(BUILTIN_SEED)
             llm = OPTForCausalLM(tiny_opt_config())
         llm = llm.to(torch_dtype)
+    elif not weights:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        llm = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(name), dtype=torch_dtype)
     else:
         from transformers import AutoModelForCausalLM
 
@@ -184,8 +192,10 @@ def _parse_clip_name(name: str) -> tuple[str, str | None]:
     return model, (pretrained or None)
 
 
-def load_encoders(visual_model: str, text_model: str | None = None, dtype: str = "fp32") -> FrozenEncoders:
-    """The frozen image/text encoders by identifier (see module docstring)."""
+def load_encoders(visual_model: str, text_model: str | None = None, dtype: str = "fp32",
+                  weights: bool = True) -> FrozenEncoders:
+    """The frozen image/text encoders by identifier (see module docstring); weights=False
+    builds the architecture only."""
     if text_model is not None:
         raise ValueError(
             f"text_model={text_model!r}: separate text encoders are not available in this build; "
@@ -207,7 +217,8 @@ def load_encoders(visual_model: str, text_model: str | None = None, dtype: str =
     else:
         model_name, pretrained = _parse_clip_name(visual_model)
         logger.info("Loading open_clip %s (pretrained=%s)", model_name, pretrained)
-        clip, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=pretrained)
+        clip, _, preprocess = open_clip.create_model_and_transforms(
+            model_name, pretrained=pretrained if weights else None)
         tokenizer = open_clip.get_tokenizer(model_name)
         identity = f"open_clip:{model_name}:{pretrained}"
     clip = clip.to(DTYPES[dtype])

@@ -52,7 +52,7 @@ import warnings
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -70,6 +70,7 @@ __all__ = [
     "IMAGE_SKIP_REASONS",
     "FEATURE_KEYS",
     "CaptionRow",
+    "RowTable",
     "ImageChecks",
     "UnusableImage",
     "read_caption_tsv",
@@ -116,7 +117,7 @@ FEATURE_KEYS = ("pixels", "image_pooled", "image_embed", "text_embed")
 # --------------------------------------------------------------------------- TSV reader
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class CaptionRow:
     """One valid TSV row.
 
@@ -129,6 +130,43 @@ class CaptionRow:
     index: int
     caption: str
     image_path: str
+
+
+class RowTable(Sequence[CaptionRow]):
+    """CaptionRows packed into a few numpy buffers; indexing rebuilds a CaptionRow.
+
+    Why: a Dataset holding 3M Python objects is copied page by page into every forked
+    DataLoader worker as the workers touch the objects' reference counts (pytorch issue
+    #13246); numpy buffers have no per-row refcounts, so the workers keep sharing them.
+    """
+
+    def __init__(self, rows: Iterable[CaptionRow]):
+        rows = list(rows)
+        self._index = np.fromiter((r.index for r in rows), dtype=np.int64, count=len(rows))
+        self._captions = _PackedStrings([r.caption for r in rows])
+        self._paths = _PackedStrings([r.image_path for r in rows])
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def __getitem__(self, i):  # int -> CaptionRow; slice -> list[CaptionRow]
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        return CaptionRow(index=int(self._index[i]), caption=self._captions[i], image_path=self._paths[i])
+
+
+class _PackedStrings:
+    """A list of str stored as one UTF-8 byte buffer plus end offsets."""
+
+    def __init__(self, strings: list[str]):
+        encoded = [s.encode("utf-8") for s in strings]
+        self._ends = np.cumsum([len(b) for b in encoded], dtype=np.int64)
+        self._buffer = np.frombuffer(b"".join(encoded), dtype=np.uint8)
+
+    def __getitem__(self, i: int) -> str:
+        i = range(len(self._ends))[i]  # normalises negative indices, raises IndexError
+        start = int(self._ends[i - 1]) if i else 0
+        return self._buffer[start : int(self._ends[i])].tobytes().decode("utf-8")
 
 
 def read_caption_tsv(tsv_path: str | os.PathLike, image_dir: str | os.PathLike) -> tuple[list[CaptionRow], Counter]:
@@ -147,35 +185,33 @@ def read_caption_tsv(tsv_path: str | os.PathLike, image_dir: str | os.PathLike) 
         raise FileNotFoundError(f"caption TSV not found: {tsv_path}")
     if not image_dir.is_dir():
         raise FileNotFoundError(f"image dir not found: {image_dir} (needed by {tsv_path})")
-    raw_lines = tsv_path.read_bytes().split(b"\n")
-    if raw_lines and raw_lines[-1] == b"":
-        raw_lines.pop()  # the newline that ends the last line does not start another row
-    _check_header(raw_lines[0] if raw_lines else None, tsv_path)
-
     existing = _ImageIndex(image_dir)
     rows: list[CaptionRow] = []
     skipped: Counter = Counter()
-    for index, raw in enumerate(raw_lines[1:]):
-        row_or_reason = _parse_row(index, raw, image_dir, existing)
-        if isinstance(row_or_reason, str):
-            skipped[row_or_reason] += 1
-        else:
-            rows.append(row_or_reason)
+    n_lines = 0
+    with open(tsv_path, "rb") as f:  # binary: lines end at b"\n" only, decoding is per row
+        _check_header(f.readline(), tsv_path)
+        for n_lines, raw in enumerate(f, start=1):
+            row_or_reason = _parse_row(n_lines - 1, raw.removesuffix(b"\n"), image_dir, existing)
+            if isinstance(row_or_reason, str):
+                skipped[row_or_reason] += 1
+            else:
+                rows.append(row_or_reason)
     _log_read_summary(tsv_path, len(rows), skipped)
     if not rows:
         raise ValueError(
-            f"{tsv_path}: no valid row (of {len(raw_lines) - 1} data lines; skipped: "
+            f"{tsv_path}: no valid row (of {n_lines} data lines; skipped: "
             f"{_format_counts(skipped) or 'none'}; image dir {image_dir})"
         )
     return rows, skipped
 
 
-def _check_header(raw: bytes | None, tsv_path: Path) -> None:
+def _check_header(raw: bytes, tsv_path: Path) -> None:
     """Require the exact ``caption<TAB>image`` header (a UTF-8 BOM and CRLF are tolerated)."""
     expected = "\t".join(TSV_HEADER)
-    if raw is None:
+    if not raw:
         raise ValueError(f"{tsv_path}: empty file; expected the header line {expected!r}")
-    header = raw.decode("utf-8-sig", errors="replace").rstrip("\r")
+    header = raw.decode("utf-8-sig", errors="replace").rstrip("\r\n")
     if tuple(f.strip() for f in header.split("\t")) != TSV_HEADER:
         raise ValueError(
             f"{tsv_path}: first line must be the header {expected!r} (caption, TAB, image file name); "
@@ -349,16 +385,17 @@ class CaptionDataset(Dataset):
     A sample is ``{"index", "caption", "pixels"}`` with pixels = ``preprocess(rgb_image)``
     (3, H, W); an unusable image gives ``{"index", "caption", "pixels": None, "skip": reason}``.
     ``read_skipped`` holds the row-level skip counts of the TSV (empty when rows were given).
+    Rows are kept as a :class:`RowTable` (``self.rows``).
     """
 
     def __init__(
         self,
-        rows: list[CaptionRow],
+        rows: Sequence[CaptionRow],
         preprocess: Callable[[Image.Image], torch.Tensor],
         checks: ImageChecks = ImageChecks(),
         read_skipped: Counter | None = None,
     ):
-        self.rows = rows
+        self.rows = rows if isinstance(rows, RowTable) else RowTable(rows)
         self.preprocess = preprocess
         self.checks = checks
         self.read_skipped = Counter(read_skipped or {})

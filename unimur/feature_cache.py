@@ -53,6 +53,7 @@ from .data import (
     CaptionDataset,
     CaptionRow,
     ImageChecks,
+    RowTable,
     read_caption_tsv,
 )
 from .distributed import barrier, get_rank, get_world_size, is_initialized, is_main_process
@@ -420,7 +421,7 @@ def _encode_rows(
         "text_embed": torch.zeros((n, encoders.text_embed_dim), dtype=dtype),
         "skip_code": torch.zeros((n,), dtype=torch.uint8),
     }
-    dataset = _PositionedDataset(CaptionDataset(list(rows), encoders.preprocess, checks=checks))
+    dataset = _PositionedDataset(CaptionDataset(rows, encoders.preprocess, checks=checks))
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, shuffle=False,
                         collate_fn=_collate_for_encoding)
     for batch in tqdm(loader, desc=desc, unit="batch", disable=not is_main_process() or n == 0):
@@ -606,7 +607,7 @@ class CachedCaptionDataset(Dataset):
     def __init__(self, rows: Sequence[CaptionRow], cache: FeatureCache, read_skipped: Counter | None = None):
         if len(rows) != cache.num_rows:
             raise ValueError(f"{cache.path} holds {cache.num_rows} rows, the dataset has {len(rows)}: wrong cache")
-        self.rows = list(rows)
+        self.rows = rows if isinstance(rows, RowTable) else RowTable(rows)  # see RowTable: worker memory
         self.cache = cache
         self.positions = torch.nonzero(cache.valid).flatten()  # (M,) row positions with a usable image
         self.skipped = cache.skip_counts()

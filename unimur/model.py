@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from .backbones import FrozenEncoders, ImageFeatures, load_encoders, load_llm
+from .backbones import FrozenEncoders, ImageFeatures, freeze, load_encoders, load_llm
 from .config import ModelConfig
 from .tokenizer import build_tokenizer
 
@@ -96,6 +96,22 @@ class UniMuR(nn.Module):
         encoders = load_encoders(config.visual_model, config.text_model, config.encoder_dtype)
         tokenizer, ret_id = build_tokenizer(config.llm)
         return cls(config, llm, encoders, tokenizer, ret_id)
+
+    @classmethod
+    def from_pretrained(cls, model_dir, device="cpu") -> "UniMuR":
+        """Rebuild a pruned model folder (`unimur_model/`); see `unimur.pretrained`."""
+        from .pretrained import load_pretrained  # pretrained imports this module
+
+        return load_pretrained(model_dir, device)
+
+    @classmethod
+    def skeleton(cls, config: ModelConfig) -> "UniMuR":
+        """The model's architecture on the meta device: parameter names and shapes from the
+        config alone, no weights loaded (checks a checkpoint against its config)."""
+        with torch.device("meta"):
+            llm = load_llm(config.llm, config.llm_dtype, weights=False)
+            encoders = load_encoders(config.visual_model, config.text_model, config.encoder_dtype, weights=False)
+            return cls(config, freeze(llm), encoders, tokenizer=None, ret_id=0)
 
     def train(self, mode: bool = True) -> "UniMuR":
         super().train(mode)
@@ -331,7 +347,10 @@ def last_position(attention_mask: torch.Tensor) -> torch.Tensor:
 
 def _bos_prefix(tokenizer) -> list[int]:
     """Ids the tokenizer prepends by itself (OPT: [</s>]; GPT-2: [])."""
+    if tokenizer is None:  # skeleton models
+        return []
     with_special = tokenizer("a")["input_ids"]
     plain = tokenizer("a", add_special_tokens=False)["input_ids"]
     n = len(with_special) - len(plain)
     return list(with_special[:n]) if n > 0 and with_special[n:] == plain else []
+

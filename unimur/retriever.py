@@ -1,0 +1,171 @@
+"""Retrieval with a trained model: embed queries, images and texts in batches, and return
+the top-k images and texts for a context.
+
+`Embedder` is the small interface the evaluation scripts use; `ModelEmbedder` implements it
+with a `UniMuR` model, and tests substitute a stub whose embeddings make the answer known.
+One query embedding u scores both candidate images and candidate texts (SPEC section 3).
+"""
+from __future__ import annotations
+
+import logging
+import sys
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from .data import UnusableImage, load_rgb_image
+from .embeddings import ImageEmbeddings
+from .model import Piece, UniMuR
+from .retrieval import topk_chunked
+
+logger = logging.getLogger(__name__)
+
+
+class Embedder(Protocol):
+    def embed_queries(self, contexts: Sequence[Sequence[Piece]]) -> torch.Tensor:
+        """(B, E) normalised unified embeddings of interleaved contexts."""
+
+    def embed_texts(self, texts: Sequence[str]) -> torch.Tensor:
+        """(N, E) normalised retrieval-space text embeddings."""
+
+    def embed_images(self, paths: Sequence[str | Path], ids: Sequence[str] | None = None
+                     ) -> tuple[ImageEmbeddings, Counter]:
+        """Embeddings of the usable images (ids in input order) and a Counter of skips."""
+
+    def clip_text_embeds(self, texts: Sequence[str]) -> torch.Tensor:
+        """(N, Dv) normalised frozen CLIP-T embeddings (cross-modal consistency)."""
+
+
+class _ImageFiles(Dataset):
+    def __init__(self, paths: Sequence[Path], preprocess):
+        self.paths, self.preprocess = list(paths), preprocess
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        try:
+            return i, self.preprocess(load_rgb_image(self.paths[i])), None
+        except UnusableImage as e:
+            return i, None, e.reason
+        except Exception as e:  # preprocessing of an odd image: count it, keep going
+            return i, None, f"preprocess_error:{type(e).__name__}"
+
+
+def _collate_images(samples):
+    kept = [(i, x) for i, x, r in samples if x is not None]
+    skipped = [(i, r) for i, x, r in samples if x is None]
+    pixels = torch.stack([x for _, x in kept]) if kept else None
+    return [i for i, _ in kept], pixels, skipped
+
+
+class ModelEmbedder:
+    """`Embedder` backed by a UniMuR model (eval mode, no grad)."""
+
+    def __init__(self, model: UniMuR, batch_size: int = 64, num_workers: int = 0, progress: bool = True):
+        self.model = model.eval()
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.progress = progress
+
+    @torch.no_grad()
+    def embed_queries(self, contexts: Sequence[Sequence[Piece]]) -> torch.Tensor:
+        # Sort by length so each batch pads to similar lengths, then restore the order.
+        order = sorted(range(len(contexts)), key=lambda i: _approx_len(contexts[i]))
+        out = [None] * len(contexts)
+        for start in self._bar(range(0, len(order), self.batch_size), "queries"):
+            idx = order[start : start + self.batch_size]
+            u = self.model.encode_context([contexts[i] for i in idx])
+            for j, i in enumerate(idx):
+                out[i] = u[j]
+        return torch.stack(out).float() if out else torch.empty(0, self.model.emb_dim)
+
+    @torch.no_grad()
+    def embed_texts(self, texts: Sequence[str]) -> torch.Tensor:
+        if self.model.config.method == "fromage":
+            raise ValueError("method=fromage has no text retrieval space (no W_t): "
+                             "text retrieval needs a method=unimur model")
+        return self.model.text_targets(self._clip_texts(texts)).float()
+
+    @torch.no_grad()
+    def clip_text_embeds(self, texts: Sequence[str]) -> torch.Tensor:
+        return F.normalize(self._clip_texts(texts).float(), dim=-1)
+
+    def _clip_texts(self, texts: Sequence[str]) -> torch.Tensor:
+        # embed each distinct string once (MMDialog negatives repeat across dialogues)
+        unique = list(dict.fromkeys(texts))
+        chunks = [self.model.encode_texts(unique[s : s + self.batch_size])
+                  for s in self._bar(range(0, len(unique), self.batch_size), "texts")]
+        if not chunks:
+            return torch.empty(0, self.model.encoders.text_embed_dim)
+        table = torch.cat(chunks)
+        pos = {t: i for i, t in enumerate(unique)}
+        return table[torch.tensor([pos[t] for t in texts], dtype=torch.long)]
+
+    @torch.no_grad()
+    def embed_images(self, paths, ids=None) -> tuple[ImageEmbeddings, Counter]:
+        paths = [Path(p) for p in paths]
+        ids = [str(i) for i in ids] if ids is not None else [str(p) for p in paths]
+        loader = DataLoader(_ImageFiles(paths, self.model.encoders.preprocess), batch_size=self.batch_size,
+                            num_workers=self.num_workers, collate_fn=_collate_images)
+        rows, embeds, caps, clips, skipped = [], [], [], [], Counter()
+        for idx, pixels, skips in self._bar(loader, "images"):
+            for i, reason in skips:
+                skipped[reason] += 1
+                logger.warning("skipping image %s: %s", paths[i], reason)
+            if pixels is None:
+                continue
+            feats = self.model.encode_images(pixels)
+            rows += idx
+            embeds.append(self.model.image_targets(feats).float().cpu())
+            caps.append(self.model.cap_input(feats).float().cpu())
+            clips.append(F.normalize(feats.embed.float(), dim=-1).cpu())
+        if not rows:
+            raise ValueError(f"none of the {len(paths)} images could be read ({dict(skipped)})")
+        return ImageEmbeddings([ids[i] for i in rows], torch.cat(embeds), torch.cat(caps), torch.cat(clips)), skipped
+
+    def _bar(self, it, desc: str):
+        return tqdm(it, desc=f"embed {desc}", disable=not self.progress, leave=False, file=sys.stderr)
+
+
+def _approx_len(context: Sequence[Piece]) -> int:
+    return sum(len(p) // 4 + 1 if isinstance(p, str) else 1 for p in context)
+
+
+@dataclass
+class RetrievalResult:
+    images: list[tuple[str, float]]   # (image id, cosine score), best first
+    texts: list[tuple[str, float]]    # (text, cosine score), best first
+
+
+class Retriever:
+    """Top-k images from an embedding index and top-k texts from a text pool, for contexts.
+
+    The candidate embeddings are computed once at construction (pools are fixed)."""
+
+    def __init__(self, embedder: Embedder, images: ImageEmbeddings | None = None,
+                 texts: Sequence[str] | None = None):
+        self.embedder = embedder
+        self.images = images
+        self.texts = list(texts) if texts is not None else None
+        self.text_embeds = embedder.embed_texts(self.texts) if self.texts else None
+
+    def retrieve(self, contexts: Sequence[Sequence[Piece]], k: int = 5) -> list[RetrievalResult]:
+        u = self.embedder.embed_queries(contexts)
+        img = txt = None
+        if self.images is not None:
+            img = topk_chunked(u, self.images.embeds.to(u.device), k)
+        if self.text_embeds is not None:
+            txt = topk_chunked(u, self.text_embeds.to(u.device), k)
+        results = []
+        for q in range(len(contexts)):
+            images = [(self.images.ids[int(i)], float(s)) for s, i in zip(*[t[q] for t in img])] if img else []
+            texts = [(self.texts[int(i)], float(s)) for s, i in zip(*[t[q] for t in txt])] if txt else []
+            results.append(RetrievalResult(images, texts))
+        return results
