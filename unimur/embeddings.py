@@ -72,7 +72,9 @@ def save_image_embeddings(emb: ImageEmbeddings, path: str | Path) -> None:
     """safetensors, written atomically; ids and metadata in the header."""
     path = Path(path)
     tensors = {n: getattr(emb, n).contiguous().cpu() for n in TENSORS if getattr(emb, n) is not None}
-    metadata = {"ids": json.dumps(emb.ids), "meta": json.dumps(emb.meta, sort_keys=True)}
+    # one metadata key: safetensors orders several keys differently from run to run, and a
+    # resumed extraction must produce the same bytes as an uninterrupted one
+    metadata = {"unimur": json.dumps({"ids": emb.ids, "meta": emb.meta}, sort_keys=True)}
     _atomic(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
@@ -89,8 +91,8 @@ def load_image_embeddings(path: str | Path, allow_pickle: bool = False) -> Image
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
         tensors = load_file(str(path))
-        ids = json.loads(metadata["ids"])
-        meta = json.loads(metadata.get("meta", "{}"))
+        header = json.loads(metadata["unimur"])
+        ids, meta = header["ids"], header["meta"]
     except Exception as e:
         raise ValueError(f"cannot read embedding file {path}: {e}") from e
     return ImageEmbeddings(ids, meta=meta, **{n: tensors.get(n) for n in TENSORS})

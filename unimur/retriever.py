@@ -114,10 +114,10 @@ class ModelEmbedder:
         ids = [str(i) for i in ids] if ids is not None else [str(p) for p in paths]
         loader = DataLoader(_ImageFiles(paths, self.model.encoders.preprocess), batch_size=self.batch_size,
                             num_workers=self.num_workers, collate_fn=_collate_images)
-        rows, embeds, caps, clips, skipped = [], [], [], [], Counter()
+        rows, embeds, caps, clips, skipped = [], [], [], [], {}
         for idx, pixels, skips in self._bar(loader, "images"):
             for i, reason in skips:
-                skipped[reason] += 1
+                skipped[ids[i]] = reason
                 logger.warning("skipping image %s: %s", paths[i], reason)
             if pixels is None:
                 continue
@@ -127,8 +127,10 @@ class ModelEmbedder:
             caps.append(self.model.cap_input(feats).float().cpu())
             clips.append(F.normalize(feats.embed.float(), dim=-1).cpu())
         if not rows:
-            raise ValueError(f"none of the {len(paths)} images could be read ({dict(skipped)})")
-        return ImageEmbeddings([ids[i] for i in rows], torch.cat(embeds), torch.cat(caps), torch.cat(clips)), skipped
+            raise ValueError(f"none of the {len(paths)} images could be read ({dict(Counter(skipped.values()))})")
+        emb = ImageEmbeddings([ids[i] for i in rows], torch.cat(embeds), torch.cat(caps), torch.cat(clips),
+                              meta={"skipped": skipped})  # id -> reason of each unusable image
+        return emb, Counter(skipped.values())
 
     def _bar(self, it, desc: str):
         return tqdm(it, desc=f"embed {desc}", disable=not self.progress, leave=False, file=sys.stderr)

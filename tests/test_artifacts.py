@@ -1,0 +1,150 @@
+"""Pruned model folders, loading, image-embedding extraction and the retrieval API."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from unimur.checkpoint import atomic_torch_save
+from unimur.config import Config
+from unimur.embeddings import load_image_embeddings, save_fromage_pickle
+from unimur.extract_vis_emb import extract, list_images
+from unimur.model import UniMuR
+from unimur.prune_model_ckpt import prune
+from unimur.retrieval import topk_chunked
+from unimur.retriever import ModelEmbedder, Retriever
+
+ROOT = Path(__file__).resolve().parents[1]
+CONTEXTS = [["Q: what colour is the circle? A: red."], ["a blue square", "on the left"]]
+
+
+@pytest.fixture
+def trained(tiny_model, tmp_path):
+    """A tiny model with non-trivial trainable weights, saved as a training checkpoint."""
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for _, p in tiny_model.trainable_named_parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    cfg = Config()
+    cfg.model = tiny_model.config
+    ckpt = tmp_path / "ckpt_best.pth.tar"
+    atomic_torch_save({"config": cfg.to_dict(), "model": tiny_model.trainable_state_dict()}, ckpt)
+    return tiny_model.eval(), ckpt
+
+
+@pytest.fixture
+def images(tmp_path):
+    d = tmp_path / "imgs"
+    d.mkdir()
+    for i, c in enumerate(["red", "blue", "green", "yellow", "white", "black", "purple"]):
+        Image.new("RGB", (40, 40), c).save(d / f"{i:03d}.jpg")
+    (d / "zz_broken.jpg").write_bytes(b"not an image")
+    return d
+
+
+def test_prune_then_load_gives_identical_embeddings(trained, tmp_path):
+    model, ckpt = trained
+    out = prune(ckpt, tmp_path / "unimur_model")
+    assert {p.name for p in out.iterdir()} == {"config.json", "model.safetensors", "tokenizer", "manifest.json"}
+    loaded = UniMuR.from_pretrained(out)
+    with torch.no_grad():
+        assert torch.equal(loaded.encode_context(CONTEXTS), model.encode_context(CONTEXTS))
+    for k, v in model.trainable_state_dict().items():
+        assert torch.equal(loaded.trainable_state_dict()[k], v), k
+    assert loaded.ret_id == model.ret_id
+
+
+def test_prune_also_works_as_a_script(trained, tmp_path):
+    _, ckpt = trained
+    r = subprocess.run([sys.executable, "unimur/prune_model_ckpt.py", "--ckpt", str(ckpt),
+                        "--output", str(tmp_path / "m")], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (tmp_path / "m" / "model.safetensors").is_file()
+
+
+def test_tampered_weights_are_refused(trained, tmp_path):
+    _, ckpt = trained
+    out = prune(ckpt, tmp_path / "m")
+    data = bytearray((out / "model.safetensors").read_bytes())
+    data[-3] ^= 0xFF
+    (out / "model.safetensors").write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="sha256.*does not match the manifest"):
+        UniMuR.from_pretrained(out)
+
+
+def test_checkpoint_whose_weights_disagree_with_its_config_is_refused(trained, tmp_path):
+    model, _ = trained
+    cfg = Config()
+    cfg.model = type(model.config)(**{**vars(model.config), "n_visual_tokens": 2})
+    bad = tmp_path / "bad.pth.tar"
+    atomic_torch_save({"config": cfg.to_dict(), "model": model.trainable_state_dict()}, bad)
+    with pytest.raises(ValueError, match=r"cap_mapping.weight: checkpoint \(64, 64\) vs config \(128, 64\)"):
+        prune(bad, tmp_path / "m")
+    missing = dict(model.trainable_state_dict())
+    missing.pop("ret_embedding")
+    atomic_torch_save({"config": Config(model=model.config).to_dict(), "model": missing}, bad)
+    with pytest.raises(ValueError, match=r"missing \['ret_embedding'\]"):
+        prune(bad, tmp_path / "m")
+
+
+def test_loading_a_folder_with_missing_parts_fails_clearly(trained, tmp_path):
+    _, ckpt = trained
+    out = prune(ckpt, tmp_path / "m")
+    (out / "manifest.json").unlink()
+    with pytest.raises(FileNotFoundError, match="manifest.json"):
+        UniMuR.from_pretrained(out)
+    with pytest.raises(FileNotFoundError, match="not a pruned UniMuR model folder"):
+        UniMuR.from_pretrained(tmp_path / "nowhere")
+
+
+def test_interrupted_extraction_resumes_to_the_same_file(trained, images, tmp_path):
+    _, ckpt = trained
+    model_dir = prune(ckpt, tmp_path / "m")
+    ids, paths = list_images(image_dir=images)
+    whole = extract(model_dir, ids, paths, tmp_path / "whole.safetensors", part_size=3, batch_size=2)
+    out = tmp_path / "resumed.safetensors"
+    assert extract(model_dir, ids, paths, out, part_size=3, batch_size=2, max_parts=2) is None  # "killed"
+    assert not out.exists() and len(list((tmp_path / "resumed.safetensors.parts").glob("part_*.safetensors"))) == 2
+    extract(model_dir, ids, paths, out, part_size=3, batch_size=2)
+    assert out.read_bytes() == whole.read_bytes()
+    emb = load_image_embeddings(out)
+    assert emb.ids == [f"{i:03d}.jpg" for i in range(7)]
+    assert json.loads((tmp_path / "resumed.safetensors.skipped.json").read_text()) == {"zz_broken.jpg": "not_an_image"}
+    # embeddings equal the model's own image targets
+    model = UniMuR.from_pretrained(model_dir)
+    pix = torch.stack([model.encoders.preprocess(Image.open(p).convert("RGB")) for p in paths[:7]])
+    with torch.no_grad():
+        assert torch.allclose(emb.embeds, model.image_targets(model.encode_images(pix)), atol=1e-6)
+
+
+def test_pickle_needs_explicit_opt_in(trained, images, tmp_path):
+    _, ckpt = trained
+    model_dir = prune(ckpt, tmp_path / "m")
+    ids, paths = list_images(image_dir=images)
+    emb = load_image_embeddings(extract(model_dir, ids, paths, tmp_path / "e.safetensors"))
+    save_fromage_pickle(emb, tmp_path / "cc3m_embeddings.pkl")
+    with pytest.raises(ValueError, match="allow-pickle"):
+        load_image_embeddings(tmp_path / "cc3m_embeddings.pkl")
+    back = load_image_embeddings(tmp_path / "cc3m_embeddings.pkl", allow_pickle=True)
+    assert back.ids == emb.ids and torch.equal(back.embeds, emb.embeds)
+
+
+def test_retriever_top_k_matches_brute_force(trained, images):
+    model, _ = trained
+    ids, paths = list_images(image_dir=images)
+    embedder = ModelEmbedder(model, batch_size=3, progress=False)
+    index, skipped = embedder.embed_images(paths, ids)
+    assert skipped == {"not_an_image": 1}
+    texts = ["a red square", "a blue circle", "two stars", "nothing at all"]
+    results = Retriever(embedder, index, texts).retrieve(CONTEXTS, k=3)
+    u = embedder.embed_queries(CONTEXTS)
+    img_order = torch.argsort(u @ index.embeds.T, dim=1, descending=True, stable=True)[:, :3]
+    txt_order = torch.argsort(u @ embedder.embed_texts(texts).T, dim=1, descending=True, stable=True)[:, :3]
+    for q, r in enumerate(results):
+        assert [i for i, _ in r.images] == [index.ids[j] for j in img_order[q]]
+        assert [t for t, _ in r.texts] == [texts[j] for j in txt_order[q]]
+    s, i = topk_chunked(u, index.embeds, 3, index_chunk=2)
+    assert torch.equal(i, img_order)
