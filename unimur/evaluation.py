@@ -116,6 +116,12 @@ def _split_counts(counts: Mapping[str, int], groups: Mapping[str, set[str]], res
     return out
 
 
+def _add(counter: Counter, reason: str, n: int) -> None:
+    """Count ``n`` skips; zero leaves no key behind (logged and written Counters stay clean)."""
+    if n:
+        counter[reason] += n
+
+
 def _timing(t0: float, n_queries: int) -> dict[str, float]:
     seconds = time.perf_counter() - t0
     return {"seconds": round(seconds, 3),
@@ -197,7 +203,8 @@ def evaluate_visdial(embedder: Embedder, visdial_dir: str | Path, *, context: st
     if len(keep) < len(dialogs):
         skipped["unreadable_image"] += len(dialogs) - len(keep)
         dialogs, queries = [dialogs[i] for i in keep], [queries[i] for i in keep]
-    assert [str(d.image_id) for d in dialogs] == images.ids, "embed_images must keep input order"
+    if [str(d.image_id) for d in dialogs] != images.ids:  # the Embedder contract; check, never assume
+        raise RuntimeError("embed_images returned ids out of input order")
 
     u = embedder.embed_queries([[q] for q in queries]).float().cpu()   # [D, E]
     v = images.embeds.float().cpu()                                      # [D, E]
@@ -369,7 +376,7 @@ def _resolve_query(q: MMDialogQuery, table: _MediaTable, given: bool, dropped: C
             continue
         context.append((kind, value))
     negatives = [k for k in q.negative_media_keys if table.row(k) is not None]
-    dropped[f"negative_image_{missing}"] += len(q.negative_media_keys) - len(negatives)
+    _add(dropped, f"negative_image_{missing}", len(q.negative_media_keys) - len(negatives))
     if any(table.row(k) is None for k in q.gt_media_keys):
         return None
     return replace(q, context=context, negative_media_keys=negatives)
@@ -381,8 +388,8 @@ def _without_gt_duplicates(q: MMDialogQuery, dropped: Counter) -> MMDialogQuery:
     gt_t, gt_m = set(q.gt_texts), set(q.gt_media_keys)
     texts = [t for t in q.negative_texts if t not in gt_t]
     keys = [k for k in q.negative_media_keys if k not in gt_m]
-    dropped["negative_text_equal_to_gt"] += len(q.negative_texts) - len(texts)
-    dropped["negative_image_equal_to_gt"] += len(q.negative_media_keys) - len(keys)
+    _add(dropped, "negative_text_equal_to_gt", len(q.negative_texts) - len(texts))
+    _add(dropped, "negative_image_equal_to_gt", len(q.negative_media_keys) - len(keys))
     return replace(q, negative_texts=texts, negative_media_keys=keys)
 
 
@@ -728,6 +735,8 @@ def write_results(results: Mapping[str, Any], path: str | Path) -> Path:
     Adds ``environment`` (python/torch versions) and ``written_at``; NaN becomes null.
     """
     path = Path(path)
+    if "model" not in results:
+        logger.warning("results carry no 'model' entry: %s will not say which model produced them", path)
     payload = dict(results)
     payload["environment"] = {"python": platform.python_version(), "torch": torch.__version__}
     payload["written_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
@@ -769,6 +778,10 @@ def _query_caption(ex: Mapping[str, Any], width: int) -> str:
                                width)
     if ex.get("gt_texts"):
         lines += textwrap.wrap("gt text: " + " | ".join(ex["gt_texts"]), width)
+    ranks = [f"{name} {ex[key]}" for name, key in (("image", "gt_rank"), ("image", "image_ranks"),
+                                                   ("text", "text_ranks")) if ex.get(key)]
+    if ranks:
+        lines.append("gt rank: " + ", ".join(ranks))
     return "\n".join(lines[:18])
 
 
@@ -812,3 +825,91 @@ def save_examples_png(results: Mapping[str, Any] | Sequence[Mapping[str, Any]], 
     fig.savefig(path, dpi=100)
     logger.info("wrote %s", path)
     return path
+
+
+# ==============================================================================================
+# Command-line support: evals/eval_visdial.py and evals/eval_mmdialog.py are thin wrappers
+# ==============================================================================================
+
+MODEL_FILES = ("config.json", "model.safetensors", "manifest.json", "tokenizer")
+
+
+def add_common_args(parser) -> None:
+    """Flags both evaluation scripts share (defaults follow the seed README's layout)."""
+    parser.add_argument("--model-dir", default="unimur_model",
+                        help="pruned model folder (config.json, model.safetensors, tokenizer/, "
+                             "manifest.json); default: %(default)s")
+    parser.add_argument("--batch-size", type=int, default=64, help="default: %(default)s")
+    parser.add_argument("--num-workers", type=int, default=0,
+                        help="image-decoding worker processes; default: %(default)s")
+    parser.add_argument("--device", default=None, choices=("cpu", "cuda"),
+                        help="default: cuda when available, else cpu")
+    parser.add_argument("--output", default=None, metavar="FILE.json",
+                        help="write metrics, settings, counts and model info as JSON")
+    parser.add_argument("--examples-png", default=None, metavar="FILE.png",
+                        help="draw a few queries with their top retrieved images")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def require_path(path: str | Path, what: str, hint: str) -> Path:
+    """``path`` if it exists, else a FileNotFoundError that says what was expected and how to fix it."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{what} not found: {path.resolve()}\n  {hint}")
+    return path
+
+
+def load_embedder(model_dir: str | Path, device: str | None = None, batch_size: int = 64,
+                  num_workers: int = 0, progress: bool = True):
+    """A :class:`~unimur.retriever.ModelEmbedder` over the pruned model in ``model_dir``."""
+    from .model import UniMuR
+    from .retriever import ModelEmbedder
+
+    model_dir = Path(model_dir)
+    missing = [name for name in MODEL_FILES if not (model_dir / name).exists()]
+    if missing:
+        raise FileNotFoundError(
+            f"{model_dir.resolve()} is not a pruned UniMuR model folder (missing: "
+            f"{', '.join(missing)})\n  pass --model-dir; such a folder is written by training "
+            f"(see unimur/prune_model_ckpt.py) and shipped as unimur_model/ in the README")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = UniMuR.from_pretrained(model_dir, device=device)
+    return ModelEmbedder(model, batch_size=batch_size, num_workers=num_workers, progress=progress)
+
+
+def model_info(model_dir: str | Path, embedder: Embedder) -> dict[str, Any]:
+    """What produced the numbers: folder, config and weights digest of the model."""
+    info: dict[str, Any] = {"dir": str(Path(model_dir).resolve())}
+    model = getattr(embedder, "model", None)
+    if model is not None:
+        info["method"] = model.config.method
+        info["config"] = dict(vars(model.config))
+    manifest = Path(model_dir) / "manifest.json"
+    if manifest.is_file():
+        info["weights_sha256"] = json.loads(manifest.read_text()).get("weights_sha256")
+    return info
+
+
+def report(results: dict[str, Any], output: str | Path | None, examples_png: str | Path | None
+           ) -> str:
+    """Write the requested files; return the table to show."""
+    if output:
+        write_results(results, output)
+    if examples_png:
+        save_examples_png(results, examples_png)
+    return format_table(results)
+
+
+def run_cli(main, argv: Sequence[str] | None = None) -> int:
+    """Run a script's ``main``; expected failures (missing data, bad files or settings) become one
+    ``error: ...`` line and exit status 1 instead of a traceback. ``UNIMUR_TRACEBACK=1`` re-raises."""
+    import sys
+
+    try:
+        main(argv)
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        if os.environ.get("UNIMUR_TRACEBACK"):
+            raise
+        sys.stderr.write(f"error: {e}\n")
+        return 1
+    return 0

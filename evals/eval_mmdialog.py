@@ -1,0 +1,73 @@
+"""MMDialog test, multimodal response retrieval (paper Table 1; SPEC section 4).
+
+    python unimur/extract_vis_emb.py                  # optional: embed the test images once
+    python evals/eval_mmdialog.py                     # unimur_model/ on MMDialog/test
+    python evals/eval_mmdialog.py --embeddings mmdialog_test.safetensors --target last \\
+        --output results/mmdialog.json --examples-png mmdialog.png
+
+Per query, the pool is its ground-truth elements plus its negatives. Reports text, image and
+overall R@1/5/10 (plus MRR, mean rank), the image retrieval rate and the cross-modal
+consistency. Without --embeddings every needed image is embedded now.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Sequence
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without PYTHONPATH
+
+from unimur.embeddings import load_image_embeddings  # noqa: E402
+from unimur.evaluation import (add_common_args, evaluate_mmdialog, load_embedder,  # noqa: E402
+                               model_info, report, require_path, run_cli)
+from unimur.mmdialog import TARGETS, conversations_path  # noqa: E402
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python evals/eval_mmdialog.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(p)
+    p.add_argument("--mmdialog-dir", default="MMDialog",
+                   help="holds <split>/conversations.json and <split>/<media_key>.jpg; "
+                        "default: %(default)s")
+    p.add_argument("--split", default="test", help="default: %(default)s")
+    p.add_argument("--target", default="last", choices=TARGETS,
+                   help="target turn: the last one (paper) or every turn after the first; "
+                        "default: %(default)s")
+    p.add_argument("--embeddings", default=None, metavar="FILE",
+                   help="precomputed image embeddings from unimur/extract_vis_emb.py "
+                        "(.safetensors; a .pkl needs --allow-pickle); default: embed the images now")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="allow reading a .pkl embedding file (unpickling runs code from the file)")
+    p.add_argument("--image-threshold", type=float, default=None, metavar="T",
+                   help="output an image only when its cosine exceeds T; default: always output "
+                        "both modalities (UniMuR)")
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    # Check the data before loading the model: a wrong path should fail in a second, not minutes.
+    require_path(conversations_path(args.mmdialog_dir, args.split), "MMDialog conversations file",
+                 "pass --mmdialog-dir: the folder with <split>/conversations.json and the images "
+                 "(see https://github.com/victorsungo/MMDialog)")
+    embeddings = None
+    if args.embeddings:
+        require_path(args.embeddings, "embedding file",
+                     "write it with `python unimur/extract_vis_emb.py`, or omit --embeddings")
+        embeddings = load_image_embeddings(args.embeddings, allow_pickle=args.allow_pickle)
+    embedder = load_embedder(args.model_dir, args.device, args.batch_size, args.num_workers,
+                             progress=not args.no_progress)
+    results = evaluate_mmdialog(embedder, args.mmdialog_dir, split=args.split, target=args.target,
+                                embeddings=embeddings, image_threshold=args.image_threshold)
+    results["settings"]["embeddings_file"] = str(Path(args.embeddings).resolve()) if args.embeddings else None
+    results["model"] = model_info(args.model_dir, embedder)
+    print(report(results, args.output, args.examples_png))
+    return results
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

@@ -1,0 +1,58 @@
+"""VisDial 1.0 val, dialogue-to-image retrieval (paper Table 3; SPEC section 4).
+
+    python evals/eval_visdial.py                      # unimur_model/ on VisualDialog/
+    python evals/eval_visdial.py --model-dir unimur_model --visdial-dir VisualDialog \\
+        --context caption+rounds --rounds 10 --output results/visdial.json --examples-png visdial.png
+
+Reports R@1/5/10, MRR and mean rank for dialogue->image (the intended direction) and
+image->dialogue (FROMAGe's released script's direction); the pool is every evaluated image.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Sequence
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without PYTHONPATH
+
+from unimur.evaluation import (add_common_args, evaluate_visdial, load_embedder,  # noqa: E402
+                               model_info, report, require_path, run_cli)
+from unimur.visdial import CONTEXTS, visdial_paths  # noqa: E402
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python evals/eval_visdial.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(p)
+    p.add_argument("--visdial-dir", default="VisualDialog",
+                   help="holds visdial_1.0_<split>.json and VisualDialog_<split>2018/; "
+                        "default: %(default)s")
+    p.add_argument("--split", default="val", help="default: %(default)s")
+    p.add_argument("--context", default="rounds", choices=CONTEXTS,
+                   help="query text: the rounds only, or the caption then the rounds; "
+                        "default: %(default)s")
+    p.add_argument("--rounds", type=int, default=10, help="rounds in the query; default: %(default)s")
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    # Check the data before loading the model: a wrong path should fail in a second, not minutes.
+    json_path, _ = visdial_paths(args.visdial_dir, args.split)
+    require_path(json_path, "VisDial annotation file",
+                 "pass --visdial-dir: the folder with visdial_1.0_val.json and "
+                 "VisualDialog_val2018/ (see the README's 'Preparing Evaluation Datasets')")
+    embedder = load_embedder(args.model_dir, args.device, args.batch_size, args.num_workers,
+                             progress=not args.no_progress)
+    results = evaluate_visdial(embedder, args.visdial_dir, context=args.context,
+                               rounds=args.rounds, split=args.split)
+    results["model"] = model_info(args.model_dir, embedder)
+    print(report(results, args.output, args.examples_png))
+    return results
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
