@@ -289,6 +289,10 @@ def test_mmdialog_given_embeddings(tmp_path):
     assert not stub.image_calls  # nothing re-embedded
     assert res["counts"]["dropped_elements"]["negative_image_not_in_embeddings"] == 2
     assert res["settings"]["embeddings"] == "given"
+    # extract_vis_emb.py ids are file names relative to the image folder: matched by stem
+    by_name = ImageEmbeddings([f"{k}.jpg" for k in given.ids], given.embeds, given.cap_features,
+                              given.clip_embeds)
+    assert evaluate_mmdialog(mm_stub(), root, embeddings=by_name)["metrics"] == res["metrics"]
 
     # a context image missing from the file is dropped and counted (B then has no context)
     res = evaluate_mmdialog(mm_stub(), root, embeddings=stub.embeddings([KR, KB, KG, KG2, KR2]))

@@ -334,6 +334,8 @@ class _MediaTable:
         self.rows = embeddings.position()
         stems: dict[str, int] = {}
         for i, key in enumerate(embeddings.ids):
+            if "." not in key and "/" not in key:
+                continue  # a bare media key (the usual case): no Path() per id over ~1M ids
             stem = Path(key).stem
             if stem != key and stem not in self.rows:
                 stems.setdefault(stem, i)
@@ -576,7 +578,7 @@ def evaluate_mmdialog(embedder: Embedder, mmdialog_dir: str | Path, *, split: st
                                   else f"image only when top image cosine > {image_threshold}"),
             "image_threshold": image_threshold,
             "embeddings": "given" if given else "computed from the image files",
-            "embeddings_meta": dict(embeddings.meta),
+            "embeddings_meta": dict(embeddings.meta) if given else None,
             "pool": "per query: its negatives, then its ground-truth elements; negatives equal "
                     "to a ground-truth element are removed",
             "ties": "lower pool index ranks first, so ties count against the ground truth",

@@ -213,7 +213,7 @@ class UniMuR(nn.Module):
         ret_logit = hidden @ self.ret_embedding.to(hidden.dtype)
         if self.ret_id == self.vocab_size:
             return torch.cat([logits, ret_logit.unsqueeze(-1)], dim=-1)
-        logits = logits.clone()
+        # in place is safe: linear's backward keeps its input and weight, not its output
         logits[..., self.ret_id] = ret_logit
         return logits
 

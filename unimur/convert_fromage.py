@@ -1,0 +1,100 @@
+"""Convert a released FROMAGe model (`pretrained_ckpt.pth.tar` + `model_args.json`) into this
+project's pruned model folder, so FROMAGe and UniMuR are evaluated by the same scripts.
+
+    python unimur/convert_fromage.py --fromage-dir fromage_model/ --output fromage_unimur/
+    python evals/eval_visdial.py --model-dir fromage_unimur/ --visdial-dir VisualDialog
+
+FROMAGe's parts map one to one onto `method=fromage` here:
+    model.visual_embeddings   -> cap_mapping      (W_cap, from CLIP's pooled pre-projection feature)
+    model.visual_fc           -> image_proj       (W_v, 256-d retrieval space)
+    model.text_hidden_fcs.0.0 -> unified_mapping  (W_u, last hidden state at [RET])
+    ret_input_embeddings / row [RET] of model.input_embeddings -> ret_embedding
+    model.logit_scale         -> logit_scale
+FROMAGe's CLIP is Hugging Face's CLIPVisionModel; its `pooler_output` (post-layernorm CLS) is
+open_clip's pre-projection pooled feature of the same OpenAI weights.
+"""
+from __future__ import annotations
+
+if __package__ in (None, ""):  # `python unimur/convert_fromage.py`: import the package, not siblings
+    import sys
+    from pathlib import Path
+
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from unimur.config import ModelConfig
+from unimur.pretrained import save_pretrained
+from unimur.prune_model_ckpt import trainable_weights
+from unimur.tokenizer import build_tokenizer
+
+logger = logging.getLogger("unimur.convert_fromage")
+
+KEY_MAP = {
+    "model.visual_embeddings.weight": "cap_mapping.weight",
+    "model.visual_embeddings.bias": "cap_mapping.bias",
+    "model.visual_fc.weight": "image_proj.weight",
+    "model.visual_fc.bias": "image_proj.bias",
+    "model.text_hidden_fcs.0.0.weight": "unified_mapping.weight",
+    "model.text_hidden_fcs.0.0.bias": "unified_mapping.bias",
+    "model.logit_scale": "logit_scale",
+}
+
+
+def fromage_config(args: dict) -> ModelConfig:
+    layers = args.get("text_emb_layers", [-1])
+    if list(layers) != [-1]:
+        raise ValueError(f"text_emb_layers={layers}: only FROMAGe's default [-1] (last layer) maps onto W_u")
+    if args.get("shared_emb_dim") is None:
+        raise ValueError("shared_emb_dim=None (no W_u/W_v) has no equivalent here")
+    return ModelConfig(method="fromage", llm=args.get("opt_version", "facebook/opt-6.7b"),
+                       visual_model=args.get("visual_encoder", "openai/clip-vit-large-patch14"),
+                       n_visual_tokens=int(args.get("n_visual_tokens", 1)), visual_feature="pooled",
+                       target_proj="linear", shared_emb_dim=int(args["shared_emb_dim"]))
+
+
+def convert_state(state: dict[str, torch.Tensor], ret_idx: int) -> dict[str, torch.Tensor]:
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    missing = [k for k in KEY_MAP if k not in state]
+    if missing:
+        raise ValueError(f"not a FROMAGe checkpoint: missing {missing}")
+    out = {new: state[old].float() for old, new in KEY_MAP.items()}
+    if "ret_input_embeddings.weight" in state:  # written by FROMAGe's prune_model_ckpt.py
+        out["ret_embedding"] = state["ret_input_embeddings.weight"].reshape(-1).float()
+    elif "model.input_embeddings.weight" in state:
+        out["ret_embedding"] = state["model.input_embeddings.weight"][ret_idx].float()
+    else:
+        raise ValueError("no [RET] embedding (ret_input_embeddings.weight or model.input_embeddings.weight)")
+    return out
+
+
+def convert(fromage_dir: str | Path, output: str | Path, ckpt_name: str = "pretrained_ckpt.pth.tar") -> Path:
+    fromage_dir = Path(fromage_dir)
+    args = json.loads((fromage_dir / "model_args.json").read_text())
+    config = fromage_config(args)
+    ckpt = torch.load(fromage_dir / ckpt_name, map_location="cpu", weights_only=True)
+    state = convert_state(ckpt.get("state_dict", ckpt), int(args["retrieval_token_idx"]))
+    state = trainable_weights(state, config, str(fromage_dir / ckpt_name))
+    tokenizer, ret_id = build_tokenizer(config.llm)
+    out = save_pretrained(config, state, tokenizer, ret_id, output)
+    logger.info("converted FROMAGe model %s -> %s", fromage_dir, out)
+    return out
+
+
+def main(argv=None) -> Path:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--fromage-dir", required=True, help="folder with pretrained_ckpt.pth.tar and model_args.json")
+    ap.add_argument("--ckpt-name", default="pretrained_ckpt.pth.tar")
+    ap.add_argument("--output", required=True)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    return convert(args.fromage_dir, args.output, args.ckpt_name)
+
+
+if __name__ == "__main__":
+    main()
