@@ -43,6 +43,16 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
         raise
 
 
+def remove_stale_temp_files(run_dir: str | Path) -> int:
+    """Delete temp files of saves interrupted by a hard kill (the real files are intact)."""
+    stale = list(Path(run_dir).glob(".*.pth.tar.*.tmp"))
+    for p in stale:
+        p.unlink(missing_ok=True)
+    if stale:
+        logger.info("removed %d temp file(s) of an interrupted save in %s", len(stale), run_dir)
+    return len(stale)
+
+
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Load a training checkpoint on CPU; a clear error for missing or unreadable files."""
     path = Path(path)

@@ -28,7 +28,8 @@ from tqdm import tqdm
 
 from . import distributed as dist_utils
 from .backbones import ImageFeatures
-from .checkpoint import BEST, LATEST, atomic_torch_save, load_checkpoint, resolve_resume, rng_state, set_rng_state
+from .checkpoint import (BEST, LATEST, atomic_torch_save, load_checkpoint, remove_stale_temp_files,
+                         resolve_resume, rng_state, set_rng_state)
 from .config import Config
 from .data import CaptionCollator, SkipCounter, build_cc3m_datasets, is_empty_batch
 from .feature_cache import build_cached_cc3m_dataset
@@ -98,6 +99,8 @@ class Trainer:
         self.metrics = MetricLogger(self.run_dir if dist_utils.is_main_process() else None)
         self._stop_signal: int | None = None
 
+        if dist_utils.is_main_process():
+            remove_stale_temp_files(self.run_dir)
         ckpt_path = resolve_resume(resume, self.run_dir)
         if ckpt_path is not None:
             self._load(ckpt_path)

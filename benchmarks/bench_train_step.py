@@ -1,0 +1,137 @@
+"""Training-step cost versus its floor, and the feature cache versus recomputing CLIP.
+
+The unavoidable cost of a UniMuR step is the frozen LLM's forward and backward (to its
+inputs) on the step's token batches: the captioning pass (k visual positions + caption, CE
+on caption tokens through the LM head) and the retrieval pass (caption + [RET], hidden state
+at [RET]). `floor` times exactly that with the plain Hugging Face model on random input
+embeddings. `step` is a full training step with cached CLIP features (forward, loss,
+backward, AdamW, [RET] renorm). `step_recompute` also re-encodes the images and captions
+with the frozen encoders every step (FROMAGe's way). All figures are ratios within one run.
+
+    python benchmarks/bench_train_step.py                         # tiny-opt + tiny-clip
+    python benchmarks/bench_train_step.py --llm smollm2-135m --visual-model efficientnet-lite0 \
+        --text-model all-minilm-l6-v2 --target-proj linear
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from unimur.config import LossConfig, ModelConfig  # noqa: E402
+from unimur.loss import UniMuRLoss  # noqa: E402
+from unimur.model import UniMuR  # noqa: E402
+from unimur.tokenizer import tokenize_captions  # noqa: E402
+
+WORDS = "a large red circle on the left of a small blue square above a green star near the top".split()
+
+
+def captions(n: int, n_words: int) -> list[str]:
+    """Long enough captions that every one is truncated to exactly max_len tokens."""
+    return [" ".join(WORDS[(i + j) % len(WORDS)] for j in range(n_words)) for i in range(n)]
+
+
+def timeit(fn, repeats: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--llm", default="tiny-opt")
+    ap.add_argument("--visual-model", default="tiny-clip")
+    ap.add_argument("--text-model", default=None)
+    ap.add_argument("--target-proj", default="none")
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--max-len", type=int, default=24)
+    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--llm-dtype", default="fp32")
+    args = ap.parse_args(argv)
+    dev = torch.device(args.device)
+    torch.manual_seed(0)
+
+    cfg = ModelConfig(llm=args.llm, visual_model=args.visual_model, text_model=args.text_model,
+                      target_proj=args.target_proj, llm_dtype=args.llm_dtype)
+    model = UniMuR.build(cfg).to(dev).train()
+    rss_model = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    b, k = args.batch_size, cfg.n_visual_tokens
+    caps = captions(b, 40)
+    tok = {n: t.to(dev) for n, t in tokenize_captions(model.tokenizer, caps, args.max_len, model.ret_id).items()}
+    assert int(tok["ret_mask"].sum(1).min()) == args.max_len, "captions shorter than max_len"
+    size = getattr(model.encoders.preprocess.transforms[1], "size", (224, 224))
+    images = [Image.new("RGB", (256, 256), (i * 13 % 255, 90, 200)) for i in range(b)]
+    pixels = torch.stack([model.encoders.preprocess(im) for im in images]).to(dev)
+    feats, text = model.encode_images(pixels), model.encode_texts(caps)
+    loss_fn = UniMuRLoss(LossConfig())
+    params = [p for _, p in model.trainable_named_parameters()]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+
+    def step(recompute: bool = False):
+        f, t = (model.encode_images(pixels), model.encode_texts(caps)) if recompute else (feats, text)
+        loss = loss_fn(model(f, t, **tok))["loss"]
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        model.renorm_ret_embedding()
+
+    llm = model.llm
+    h_in = llm.get_input_embeddings().embedding_dim
+    cap_mask = torch.cat([torch.ones(b, k, dtype=torch.long, device=dev), tok["caption_mask"]], 1)
+    labels = tok["caption_ids"].masked_fill(tok["caption_mask"] == 0, -100)
+    dtype = llm.get_input_embeddings().weight.dtype
+
+    def floor():
+        x_cap = torch.randn(b, cap_mask.shape[1], h_in, device=dev, dtype=dtype, requires_grad=True)
+        x_ret = torch.randn(b, tok["ret_ids"].shape[1], h_in, device=dev, dtype=dtype, requires_grad=True)
+        h = llm.base_model(inputs_embeds=x_cap, attention_mask=cap_mask).last_hidden_state[:, k - 1:-1]
+        sel = labels != -100
+        ce = F.cross_entropy(llm.get_output_embeddings()(h[sel]).float(), labels[sel])
+        r = llm.base_model(inputs_embeds=x_ret, attention_mask=tok["ret_mask"]).last_hidden_state[:, -1]
+        (ce + r.float().pow(2).mean()).backward()
+
+    t_floor = timeit(floor, args.repeats)
+    t_step = timeit(step, args.repeats)
+    t_recompute = timeit(lambda: step(recompute=True), args.repeats)
+    rss_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    n_train = sum(p.numel() for p in params)
+    emb = llm.get_input_embeddings().weight
+    print(f"command: python benchmarks/bench_train_step.py {' '.join(sys.argv[1:] if argv is None else argv)}")
+    print(f"config: llm={args.llm} visual={args.visual_model} text={args.text_model} target_proj={args.target_proj} "
+          f"batch={b} max_len={args.max_len} device={dev} threads={torch.get_num_threads()} "
+          f"image={tuple(pixels.shape[1:])} preprocess_size={size}")
+    print(f"floor (frozen LLM fwd+bwd to inputs, both passes): {t_floor * 1e3:8.1f} ms")
+    print(f"full step, cached CLIP features:                    {t_step * 1e3:8.1f} ms  ratio to floor {t_step / t_floor:.3f}")
+    print(f"full step, CLIP recomputed every step:              {t_recompute * 1e3:8.1f} ms  ratio to cached {t_recompute / t_step:.3f}")
+    print(f"samples/s (cached): {b / t_step:.1f}")
+    print(f"trainable params {n_train:,} ({n_train * 4 / 2**20:.2f} MB fp32, AdamW state {2 * n_train * 4 / 2**20:.2f} MB); "
+          f"FROMAGe-style trainable embedding matrix {emb.numel():,} "
+          f"({emb.numel() * 4 / 2**20:.1f} MB fp32, AdamW state {2 * emb.numel() * 4 / 2**20:.1f} MB): "
+          f"x{(emb.numel() + n_train) / n_train:.1f} parameters")
+    if dev.type == "cuda":
+        print(f"peak GPU memory: {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB")
+    else:
+        print(f"peak RSS: {rss_peak / 1024:.0f} MiB (after model load {rss_model / 1024:.0f} MiB)")
+
+
+if __name__ == "__main__":
+    main()
