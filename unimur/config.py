@@ -20,11 +20,13 @@ class ModelConfig:
     method: str = "unimur"
     """`unimur` (dual alignment: VM + TM) or `fromage` (FROMAGe's objective: W_v only, 256-d)."""
     llm: str = "facebook/opt-6.7b"
-    """Frozen causal LM: hub id, local folder, or `tiny-opt` (seed flag --opt-version)."""
+    """Frozen causal LM: hub id, local folder, `tiny-opt` (tests) or `smollm2-135m` (offline
+    demo) (seed flag --opt-version)."""
     visual_model: str = "openai/clip-vit-large-patch14"
-    """Frozen CLIP (open_clip NAME[:pretrained], seed alias, or `tiny-clip`)."""
+    """Frozen CLIP (open_clip NAME[:pretrained], seed alias, `tiny-clip`), or `efficientnet-lite0`
+    (offline demo, with text_model=all-minilm-l6-v2 and target_proj=linear)."""
     text_model: str | None = None
-    """Separate frozen text encoder; None uses CLIP's text tower (CLIP-T)."""
+    """Separate frozen text encoder (`all-minilm-l6-v2`); None uses CLIP's text tower (CLIP-T)."""
     llm_dtype: str = "fp32"
     """Storage dtype of the frozen LLM (fp32|bf16|fp16); trainable layers stay fp32."""
     encoder_dtype: str = "fp32"

@@ -45,11 +45,11 @@ class UniMuRLoss(torch.nn.Module):
         w = self.weights
         u = gather_features(out.u)
         v = gather_features(out.v)
-        terms = {
-            "cap": global_token_mean(out.caption_nll, out.caption_tokens),
-            "vm": symmetric_infonce(u, v, out.logit_scale),
-        }
-        total = w.l_cap * terms["cap"] + w.l_vm * terms["vm"]
+        terms = {"vm": symmetric_infonce(u, v, out.logit_scale)}
+        total = w.l_vm * terms["vm"]
+        if w.l_cap:
+            terms["cap"] = global_token_mean(out.caption_nll, out.caption_tokens)
+            total = total + w.l_cap * terms["cap"]
         if out.t is not None and w.l_tm:
             terms["tm"] = symmetric_infonce(u, gather_features(out.t), out.logit_scale)
             total = total + w.l_tm * terms["tm"]

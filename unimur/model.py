@@ -268,10 +268,15 @@ class UniMuR(nn.Module):
     def forward(self, image_features: ImageFeatures, text_features: torch.Tensor | None,
                 caption_ids: torch.Tensor, caption_mask: torch.Tensor,
                 ret_ids: torch.Tensor, ret_mask: torch.Tensor, with_lm: bool = False,
-                with_text: bool = True) -> UniMuROutput:
-        """One training batch: both LLM passes plus the alignment targets."""
-        cap_in = self.cap_input(image_features)
-        caption_nll, caption_tokens = self.caption_nll(cap_in, caption_ids, caption_mask)
+                with_text: bool = True, with_caption: bool = True) -> UniMuROutput:
+        """One training batch: both LLM passes plus the alignment targets.
+
+        with_caption=False skips the captioning pass (its loss weight is 0): half the LLM work.
+        """
+        if with_caption:
+            caption_nll, caption_tokens = self.caption_nll(self.cap_input(image_features), caption_ids, caption_mask)
+        else:
+            caption_nll = caption_tokens = torch.zeros((), device=ret_ids.device)
         u, hidden = self.unified_from_tokens(ret_ids, ret_mask, return_hidden=True)
         lm_nll = lm_tokens = None
         if with_lm:  # LMret: teach the LLM to emit [RET] after a caption

@@ -55,6 +55,10 @@ def build_tokenizer(llm: str):
     else:
         from transformers import AutoTokenizer
 
+        if llm == "smollm2-135m":  # the tokenizer saved with the cached SmolLM2 folder
+            from .offline_backbones import smollm2_tokenizer_dir
+
+            llm = str(smollm2_tokenizer_dir())
         tok = AutoTokenizer.from_pretrained(llm)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token

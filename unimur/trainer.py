@@ -92,6 +92,7 @@ class Trainer:
         self.state = TrainState()
         self.with_lm = needs_lm(t.loss)
         self.with_text = cfg.model.method == "unimur" and t.loss.l_tm != 0
+        self.with_caption = t.loss.l_cap != 0
 
         self.train_data = self._dataset("train")  # TSV-level skips are logged by the reader
         self.val_data = self._dataset("val")
@@ -116,7 +117,10 @@ class Trainer:
         frozen += [n for n, _ in model.named_buffers() if n.startswith(("llm.", "encoders."))]
         DDP._set_params_and_buffers_to_ignore_for_model(model, frozen)
         ids = [self.device.index] if self.device.type == "cuda" else None
-        return DDP(model, device_ids=ids)
+        loss = self.cfg.train.loss
+        # a zero loss weight leaves its layers without gradients: tell DDP not to wait for them
+        unused = loss.l_cap == 0 or (model.text_proj is not None and loss.l_tm == 0)
+        return DDP(model, device_ids=ids, find_unused_parameters=unused)
 
     def _dataset(self, split: str):
         """CC3M split with cached frozen features (default) or with images decoded per step."""
@@ -158,7 +162,8 @@ class Trainer:
         tok = {k: batch[k].to(self.device, non_blocking=True)
                for k in ("caption_ids", "caption_mask", "ret_ids", "ret_mask")}
         with self._autocast():
-            out = module(feats, text, **tok, with_lm=self.with_lm, with_text=self.with_text)
+            out = module(feats, text, **tok, with_lm=self.with_lm, with_text=self.with_text,
+                         with_caption=self.with_caption)
             terms = self.loss_fn(out)
         return out, terms
 
