@@ -7,6 +7,7 @@ so a checkpoint is megabytes, not the 13 GB of a full OPT-6.7B state dict.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import random
@@ -41,6 +42,12 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex sha256 of a file (streamed)."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def remove_stale_temp_files(run_dir: str | Path) -> int:

@@ -56,6 +56,7 @@ from .data import (
     RowTable,
     read_caption_tsv,
 )
+from .checkpoint import file_sha256
 from .distributed import barrier, get_rank, get_world_size, is_initialized, is_main_process
 
 logger = logging.getLogger(__name__)
@@ -257,11 +258,6 @@ def _tensor_spec(path: Path, name: str, info: Any, data_size: int) -> tuple[str,
     return code, shape, begin, stop
 
 
-def _file_sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 # ------------------------------------------------------------------------------ cache
 
 
@@ -335,7 +331,7 @@ def load_feature_cache(
         raise CacheMiss("corrupt", f"{data_path} is missing next to its sidecar")
     if data_path.stat().st_size != sidecar.get("file_bytes"):
         raise CacheMiss("corrupt", f"{data_path}: {data_path.stat().st_size} bytes, sidecar says {sidecar.get('file_bytes')} (truncated?)")
-    if verify_checksum and _file_sha256(data_path) != sidecar.get("sha256"):
+    if verify_checksum and file_sha256(data_path) != sidecar.get("sha256"):
         raise CacheMiss("corrupt", f"{data_path}: SHA-256 differs from the sidecar")
     tensors, _ = _read_safetensors(data_path)
     _check_tensors(data_path, tensors, sidecar.get("num_rows"))

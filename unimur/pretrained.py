@@ -12,7 +12,6 @@ what differs.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -24,6 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .backbones import load_encoders, load_llm
+from .checkpoint import file_sha256
 from .config import ModelConfig, from_dict
 from .model import UniMuR
 from .tokenizer import build_tokenizer
@@ -32,14 +32,6 @@ logger = logging.getLogger(__name__)
 
 FORMAT = "unimur-pruned-v1"
 WEIGHTS, CONFIG, MANIFEST, TOKENIZER = "model.safetensors", "config.json", "manifest.json", "tokenizer"
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def save_pretrained(config: ModelConfig, state: dict[str, torch.Tensor], tokenizer, ret_id: int,
@@ -54,7 +46,7 @@ def save_pretrained(config: ModelConfig, state: dict[str, torch.Tensor], tokeniz
         (tmp / CONFIG).write_text(json.dumps(vars(config), indent=2, sort_keys=True) + "\n")
         tokenizer.save_pretrained(tmp / TOKENIZER)
         manifest = {
-            "format": FORMAT, "ret_token_id": ret_id, "weights_sha256": sha256(tmp / WEIGHTS),
+            "format": FORMAT, "ret_token_id": ret_id, "weights_sha256": file_sha256(tmp / WEIGHTS),
             "parameters": {k: list(v.shape) for k, v in tensors.items()},
             "trainable_total": int(sum(v.numel() for v in tensors.values())),
         }
@@ -93,7 +85,7 @@ def load_pretrained(model_dir: str | Path, device: str | torch.device = "cpu") -
     manifest = json.loads(manifest_path.read_text())
     if manifest.get("format") != FORMAT:
         raise ValueError(f"{model_dir}: unknown format {manifest.get('format')!r} (expected {FORMAT})")
-    digest = sha256(weights_path)
+    digest = file_sha256(weights_path)
     if digest != manifest["weights_sha256"]:
         raise ValueError(f"{weights_path}: sha256 {digest[:12]}... does not match the manifest "
                          f"({manifest['weights_sha256'][:12]}...): the weights were modified or truncated")
