@@ -115,3 +115,16 @@ def test_two_processes_match_one_process_on_the_concatenated_batch(synthetic, tm
     w1, w2 = trainable(tmp_path / "one"), trainable(tmp_path / "two")
     for k in w1:
         assert torch.allclose(w1[k], w2[k], atol=1e-5, rtol=1e-4), k
+
+
+def test_training_without_the_feature_cache_gives_the_same_losses(synthetic, tmp_path):
+    """Cached CLIP features versus CLIP recomputed from the images every step (FROMAGe's way)."""
+    cached = main_module.main(tiny_args(synthetic, tmp_path, "cached", "--epochs=1"))
+    fresh = main_module.main(tiny_args(synthetic, tmp_path, "fresh", "--epochs=1", "--no-feature-cache"))
+    assert cached.step == fresh.step == 3
+    for a, b in zip(read_metrics(tmp_path / "cached"), read_metrics(tmp_path / "fresh")):
+        for k in ("loss", "cap", "vm", "tm"):
+            assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-6), (a["step"], k)
+    w1, w2 = trainable(tmp_path / "cached"), trainable(tmp_path / "fresh")
+    for k in w1:
+        assert torch.allclose(w1[k], w2[k], atol=1e-6), k
