@@ -180,12 +180,12 @@ class Trainer:
             self.train_epoch(epoch)
             if self._stop_signal is not None:
                 break
-            metrics = self.validate()
-            self._save(LATEST)
-            score = validation_score(metrics)
-            if score > self.state.best_score:
+            score = validation_score(self.validate())
+            improved = score > self.state.best_score
+            if improved:
                 self.state.best_score, self.state.best_step = score, self.state.step
-                self._save(LATEST)  # keep best_score in "latest" too
+            self._save(LATEST)  # after the update, so "latest" carries the best score too
+            if improved:
                 self._save(BEST)
                 logger.info("new best checkpoint at step %d (score %.3f)", self.state.step, score)
         if self._stop_signal is not None:
