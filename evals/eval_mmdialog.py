@@ -20,8 +20,8 @@ from typing import Sequence
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without PYTHONPATH
 
 from unimur.embeddings import load_image_embeddings  # noqa: E402
-from unimur.evaluation import (add_common_args, evaluate_mmdialog, load_embedder,  # noqa: E402
-                               model_info, report, require_path, run_cli)
+from evals.common import add_common_args, load_embedder, model_info, report, require_path, run_cli  # noqa: E402
+from unimur.evaluation import evaluate_mmdialog  # noqa: E402
 from unimur.mmdialog import TARGETS, conversations_path  # noqa: E402
 
 

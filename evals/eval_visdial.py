@@ -17,8 +17,8 @@ from typing import Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without PYTHONPATH
 
-from unimur.evaluation import (add_common_args, evaluate_visdial, load_embedder,  # noqa: E402
-                               model_info, report, require_path, run_cli)
+from evals.common import add_common_args, load_embedder, model_info, report, require_path, run_cli  # noqa: E402
+from unimur.evaluation import evaluate_visdial  # noqa: E402
 from unimur.visdial import CONTEXTS, visdial_paths  # noqa: E402
 
 

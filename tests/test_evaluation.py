@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from unimur.embeddings import ImageEmbeddings, save_image_embeddings
-from unimur.evaluation import (evaluate_mmdialog, evaluate_visdial, format_table,
-                               save_examples_png, write_results)
+from unimur.eval_report import format_table, save_examples_png, write_results
+from unimur.evaluation import evaluate_mmdialog, evaluate_visdial
 from unimur.mmdialog import media_path
 from unimur.visdial import visdial_image_path
 
@@ -428,7 +428,7 @@ def test_fromage_model_reports_images_only(e2e, tiny_backbones):
 
 def test_scripts_fail_clearly_without_data(tmp_path, capsys):
     from evals import eval_mmdialog, eval_visdial
-    from unimur.evaluation import run_cli
+    from evals.common import run_cli
 
     assert run_cli(eval_visdial.main, ["--visdial-dir", str(tmp_path / "nope")]) == 1
     assert "VisDial annotation file not found" in capsys.readouterr().err

@@ -6,7 +6,8 @@ Entry points::
     evaluate_visdial(embedder, visdial_dir, context="rounds", rounds=10, split="val")
     evaluate_mmdialog(embedder, mmdialog_dir, split="test", target="last",
                       embeddings=None, image_threshold=None)
-    format_table(results) -> str;  write_results(results, path);  save_examples_png(results, path)
+
+Reporting (table, JSON, PNG) is `unimur.eval_report`; the scripts' shared plumbing is `evals/common.py`.
 
 Both evaluations return one JSON-ready dict with the same top-level keys:
 
@@ -39,18 +40,12 @@ collapsed model whose scores are all equal gets the worst rank, never a perfect 
 """
 from __future__ import annotations
 
-import json
 import logging
-import math
-import os
-import platform
-import tempfile
-import textwrap
 import time
 from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -68,9 +63,6 @@ __all__ = [
     "evaluate_visdial",
     "evaluate_mmdialog",
     "supports_text_retrieval",
-    "format_table",
-    "write_results",
-    "save_examples_png",
 ]
 
 N_EXAMPLES = 8      # queries kept in results["examples"]
@@ -659,259 +651,3 @@ def _mmdialog_examples(queries: Sequence[MMDialogQuery], mmdialog_dir: str | Pat
 
 def _valid(score: float) -> bool:
     return score != float("-inf")
-
-
-# ==============================================================================================
-# Output: table, JSON, example grid
-# ==============================================================================================
-
-
-def _fmt(value: Any, spec: str) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    return format(value, spec)
-
-
-def _metric_rows(title: str, rows: Iterable[tuple[str, Mapping[str, Any] | None]]) -> list[str]:
-    lines = [f"{title:<18}{'R@1':>8}{'R@5':>8}{'R@10':>8}{'MRR':>8}{'mean_rank':>11}{'n':>8}"]
-    for name, m in rows:
-        m = m or {}
-        lines.append(f"{name:<18}{_fmt(m.get('R@1'), '.2f'):>8}{_fmt(m.get('R@5'), '.2f'):>8}"
-                     f"{_fmt(m.get('R@10'), '.2f'):>8}{_fmt(m.get('MRR'), '.4f'):>8}"
-                     f"{_fmt(m.get('mean_rank'), '.2f'):>11}{_fmt(m.get('n'), 'd'):>8}")
-    return lines
-
-
-def _table_visdial(r: Mapping[str, Any]) -> list[str]:
-    s, c, m = r["settings"], r["counts"], r["metrics"]
-    head = (f"VisDial {s['split']} (context={s['context']}, rounds={s['rounds']}): "
-            f"{c['dialogues_evaluated']} dialogues evaluated, {c['dialogues_skipped']} skipped")
-    return [head, *_metric_rows("direction", [("dialogue->image", m["dialogue_to_image"]),
-                                              ("image->dialogue", m["image_to_dialogue"])])]
-
-
-def _table_mmdialog(r: Mapping[str, Any]) -> list[str]:
-    s, c, m = r["settings"], r["counts"], r["metrics"]
-    head = (f"MMDialog {s['split']} (target={s['target']}): {c['queries_evaluated']} queries "
-            f"evaluated, {c['queries_skipped']} skipped")
-    lines = [head, *_metric_rows("modality", [("text", m["text"]), ("image", m["image"]),
-                                              ("overall", m["overall"])])]
-    lines.append(f"image retrieval rate: {_fmt(m['image_retrieval_rate'], '.4f')} "
-                 f"({s['image_output_rule']})")
-    lines.append(f"cross-modal consistency: {_fmt(m['cross_modal_consistency'], '.4f')} "
-                 f"(n={c['consistency_pairs']})")
-    return lines
-
-
-def format_table(results: Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> str:
-    """A plain-text table of one results dict (or several, one block each)."""
-    if isinstance(results, Mapping):
-        results = [results]
-    blocks = []
-    for r in results:
-        lines = {"visdial": _table_visdial, "mmdialog": _table_mmdialog}[r["benchmark"]](r)
-        lines += [f"note: {n}" for n in r.get("notes", [])]
-        if "timing" in r:
-            lines.append(f"time: {r['timing']['seconds']:.1f} s "
-                         f"({_fmt(r['timing']['queries_per_s'], '.1f')} queries/s)")
-        blocks.append("\n".join(lines))
-    return "\n\n".join(blocks)
-
-
-def _json_safe(obj: Any) -> Any:
-    """NaN/inf -> None (strict JSON has no NaN), paths -> str, tuples -> lists."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, Mapping):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj
-
-
-def write_results(results: Mapping[str, Any], path: str | Path) -> Path:
-    """Write results (metrics, settings, counts, model, examples) as strict JSON, atomically.
-
-    Adds ``environment`` (python/torch versions) and ``written_at``; NaN becomes null.
-    """
-    path = Path(path)
-    if "model" not in results:
-        logger.warning("results carry no 'model' entry: %s will not say which model produced them", path)
-    payload = dict(results)
-    payload["environment"] = {"python": platform.python_version(), "torch": torch.__version__}
-    payload["written_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    text = json.dumps(_json_safe(payload), indent=2, allow_nan=False) + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    logger.info("wrote %s", path)
-    return path
-
-
-def _thumbnail(path: str, size: int = 160):
-    """An RGB array of the image at ``path``, or None if it cannot be read."""
-    import numpy as np
-    from PIL import Image
-
-    try:
-        with Image.open(path) as img:
-            img = img.convert("RGB")
-            img.thumbnail((size, size))
-            return np.asarray(img)
-    except Exception:  # an example grid never fails because one file is odd
-        return None
-
-
-def _query_caption(ex: Mapping[str, Any], width: int) -> str:
-    """The query (shortened, wrapped), plus the top text and ground-truth texts when present."""
-    query = ex["query"] if len(ex["query"]) <= 600 else "..." + ex["query"][-597:]
-    lines = textwrap.wrap(query, width)
-    texts = ex.get("retrieved_texts")
-    if texts:
-        lines += textwrap.wrap(f"top text: {texts[0]['text']}" + (" (gt)" if texts[0]["is_gt"] else ""),
-                               width)
-    if ex.get("gt_texts"):
-        lines += textwrap.wrap("gt text: " + " | ".join(ex["gt_texts"]), width)
-    ranks = [f"{name} {ex[key]}" for name, key in (("image", "gt_rank"), ("image", "image_ranks"),
-                                                   ("text", "text_ranks")) if ex.get(key)]
-    if ranks:
-        lines.append("gt rank: " + ", ".join(ranks))
-    return "\n".join(lines[:18])
-
-
-def save_examples_png(results: Mapping[str, Any] | Sequence[Mapping[str, Any]], path: str | Path,
-                      *, max_queries: int = 4, top_k: int = EXAMPLE_TOP_K) -> Path:
-    """A PNG grid: one row per query, its text then its top retrieved images (scores in the
-    titles, ground truth in green). ``results`` is a results dict or its ``examples`` list."""
-    # Figure + Agg canvas directly: no pyplot global state, no backend switch for the caller.
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    examples = list(results["examples"] if isinstance(results, Mapping) else results)[:max_queries]
-    if not examples:
-        raise ValueError("no examples to draw")
-    cols = 1 + top_k
-    fig = Figure(figsize=(2.2 * cols + 2.0, 2.6 * len(examples)))
-    FigureCanvasAgg(fig)
-    grid = fig.add_gridspec(len(examples), cols, width_ratios=[2.5] + [1] * top_k)
-    for r, ex in enumerate(examples):
-        ax = fig.add_subplot(grid[r, 0])
-        ax.axis("off")
-        ax.text(0, 1, _query_caption(ex, 48), va="top", ha="left", fontsize=7, family="monospace",
-                transform=ax.transAxes)
-        for c, item in enumerate(ex.get("retrieved_images", [])[:top_k]):
-            ax = fig.add_subplot(grid[r, 1 + c])
-            ax.set_xticks([])
-            ax.set_yticks([])
-            thumb = _thumbnail(item["path"])
-            if thumb is not None:
-                ax.imshow(thumb)
-            else:
-                ax.text(0.5, 0.5, "(no file)", ha="center", va="center", transform=ax.transAxes)
-            colour = "green" if item["is_gt"] else "black"
-            ax.set_title(f"#{c + 1}  {item['score']:.3f}", fontsize=8, color=colour)
-            for spine in ax.spines.values():
-                spine.set_edgecolor(colour)
-                spine.set_linewidth(3 if item["is_gt"] else 0.5)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    logger.info("wrote %s", path)
-    return path
-
-
-# ==============================================================================================
-# Command-line support: evals/eval_visdial.py and evals/eval_mmdialog.py are thin wrappers
-# ==============================================================================================
-
-MODEL_FILES = ("config.json", "model.safetensors", "manifest.json", "tokenizer")
-
-
-def add_common_args(parser) -> None:
-    """Flags both evaluation scripts share (defaults follow the seed README's layout)."""
-    parser.add_argument("--model-dir", default="unimur_model",
-                        help="pruned model folder (config.json, model.safetensors, tokenizer/, "
-                             "manifest.json); default: %(default)s")
-    parser.add_argument("--batch-size", type=int, default=64, help="default: %(default)s")
-    parser.add_argument("--num-workers", type=int, default=0,
-                        help="image-decoding worker processes; default: %(default)s")
-    parser.add_argument("--device", default=None, choices=("cpu", "cuda"),
-                        help="default: cuda when available, else cpu")
-    parser.add_argument("--output", default=None, metavar="FILE.json",
-                        help="write metrics, settings, counts and model info as JSON")
-    parser.add_argument("--examples-png", default=None, metavar="FILE.png",
-                        help="draw a few queries with their top retrieved images")
-    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
-
-
-def require_path(path: str | Path, what: str, hint: str) -> Path:
-    """``path`` if it exists, else a FileNotFoundError that says what was expected and how to fix it."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{what} not found: {path.resolve()}\n  {hint}")
-    return path
-
-
-def load_embedder(model_dir: str | Path, device: str | None = None, batch_size: int = 64,
-                  num_workers: int = 0, progress: bool = True):
-    """A :class:`~unimur.retriever.ModelEmbedder` over the pruned model in ``model_dir``."""
-    from .model import UniMuR
-    from .retriever import ModelEmbedder
-
-    model_dir = Path(model_dir)
-    missing = [name for name in MODEL_FILES if not (model_dir / name).exists()]
-    if missing:
-        raise FileNotFoundError(
-            f"{model_dir.resolve()} is not a pruned UniMuR model folder (missing: "
-            f"{', '.join(missing)})\n  pass --model-dir; such a folder is written by training "
-            f"(see unimur/prune_model_ckpt.py) and shipped as unimur_model/ in the README")
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = UniMuR.from_pretrained(model_dir, device=device)
-    return ModelEmbedder(model, batch_size=batch_size, num_workers=num_workers, progress=progress)
-
-
-def model_info(model_dir: str | Path, embedder: Embedder) -> dict[str, Any]:
-    """What produced the numbers: folder, config and weights digest of the model."""
-    info: dict[str, Any] = {"dir": str(Path(model_dir).resolve())}
-    model = getattr(embedder, "model", None)
-    if model is not None:
-        info["method"] = model.config.method
-        info["config"] = dict(vars(model.config))
-    manifest = Path(model_dir) / "manifest.json"
-    if manifest.is_file():
-        info["weights_sha256"] = json.loads(manifest.read_text()).get("weights_sha256")
-    return info
-
-
-def report(results: dict[str, Any], output: str | Path | None, examples_png: str | Path | None
-           ) -> str:
-    """Write the requested files; return the table to show."""
-    if output:
-        write_results(results, output)
-    if examples_png:
-        save_examples_png(results, examples_png)
-    return format_table(results)
-
-
-def run_cli(main, argv: Sequence[str] | None = None) -> int:
-    """Run a script's ``main``; expected failures (missing data, bad files or settings) become one
-    ``error: ...`` line and exit status 1 instead of a traceback. ``UNIMUR_TRACEBACK=1`` re-raises."""
-    import sys
-
-    try:
-        main(argv)
-    except (FileNotFoundError, ValueError, KeyError) as e:
-        if os.environ.get("UNIMUR_TRACEBACK"):
-            raise
-        sys.stderr.write(f"error: {e}\n")
-        return 1
-    return 0
