@@ -13,6 +13,10 @@ import torch  # noqa: E402
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: long end-to-end tests (run with UNIMUR_SLOW_TESTS=1)")
+
+
 @pytest.fixture(scope="session")
 def tiny_model_config():
     from unimur.config import ModelConfig

@@ -326,20 +326,11 @@ def _device() -> str:
 
 def _embedder(model, batch_size: int):
     """A :class:`ModelEmbedder`. Encoders without a joint image-text space (EfficientNet-Lite0
-    + MiniLM) get no CLIP-V embeddings in their image tables, so `evaluate_mmdialog` reports the
-    cross-modal consistency as not computed (a CLIP cosine needs one space for both)."""
-    from .embeddings import ImageEmbeddings
+    + MiniLM) carry no CLIP-V embeddings, so `evaluate_mmdialog` reports the cross-modal
+    consistency as not computed (a CLIP cosine needs one space for both)."""
     from .retriever import ModelEmbedder
 
-    class DemoEmbedder(ModelEmbedder):
-        def embed_images(self, paths, ids=None):
-            emb, skipped = super().embed_images(paths, ids)
-            enc = self.model.encoders
-            if emb.clip_embeds is not None and enc.image_embed_dim != enc.text_embed_dim:
-                emb = ImageEmbeddings(emb.ids, emb.embeds, emb.cap_features, None, meta=emb.meta)
-            return emb, skipped
-
-    return DemoEmbedder(model.to(_device()).eval(), batch_size=batch_size, progress=True)
+    return ModelEmbedder(model.to(_device()).eval(), batch_size=batch_size, progress=True)
 
 
 # Results and per-query ranks --------------------------------------------------------------------
@@ -607,10 +598,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                                                      "default: %(default)s")
     p.add_argument("--seed", type=int, default=0, help="data and training seed; default: %(default)s")
     p.add_argument("--quick", action="store_true",
-                   help="a much smaller configuration (a few minutes): checks every stage, "
+                   help="a much smaller configuration (~2 min): checks every stage, "
                         "not the numbers")
     p.add_argument("--skip-random-init", action="store_true",
-                   help="skip the random-init-backbone baseline (saves ~1 min)")
+                   help="skip the random-init-backbone baseline (~10 s)")
     return p.parse_args(argv)
 
 

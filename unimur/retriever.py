@@ -128,7 +128,11 @@ class ModelEmbedder:
             clips.append(F.normalize(feats.embed.float(), dim=-1).cpu())
         if not rows:
             raise ValueError(f"none of the {len(paths)} images could be read ({dict(Counter(skipped.values()))})")
-        emb = ImageEmbeddings([ids[i] for i in rows], torch.cat(embeds), torch.cat(caps), torch.cat(clips),
+        enc = self.model.encoders
+        # CLIP-V embeddings serve the cross-modal consistency (a cosine with CLIP-T): only
+        # meaningful when image and text encoders share one space (not EfficientNet + MiniLM)
+        clip = torch.cat(clips) if enc.image_embed_dim == enc.text_embed_dim else None
+        emb = ImageEmbeddings([ids[i] for i in rows], torch.cat(embeds), torch.cat(caps), clip,
                               meta={"skipped": skipped})  # id -> reason of each unusable image
         return emb, Counter(skipped.values())
 
