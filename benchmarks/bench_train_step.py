@@ -1,10 +1,13 @@
 """Training-step cost versus its floor, and the feature cache versus recomputing CLIP.
 
-The unavoidable cost of a UniMuR step is the frozen LLM's forward and backward (to its
-inputs) on the step's token batches: the captioning pass (k visual positions + caption, CE
-on caption tokens through the LM head) and the retrieval pass (caption + [RET], hidden state
-at [RET]). `floor` times exactly that with the plain Hugging Face model on random input
-embeddings. `step` is a full training step with cached CLIP features (forward, loss,
+The unavoidable cost of a UniMuR step is the frozen LLM's work on the step's token batches:
+the captioning pass (k visual positions + caption, CE on caption tokens through the LM head),
+forward and backward to its inputs since W_cap feeds the first position; and the retrieval
+pass (caption + [RET], hidden state at [RET]), a forward only, since its one trainable input
+is the last position. `floor` times exactly that with the plain Hugging Face model on random
+input embeddings. `retrieval pass` compares our retrieval pass (caption once without autograd,
+then [RET] on its key/value cache) with the plain one that back-propagates through every
+position. `step` is a full training step with cached CLIP features (forward, loss,
 backward, AdamW, [RET] renorm). `step_recompute` also re-encodes the images and captions
 with the frozen encoders every step (FROMAGe's way). All figures are ratios within one run.
 
@@ -66,6 +69,8 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--llm-dtype", default="fp32")
+    ap.add_argument("--l-cap", type=float, default=1.0,
+                    help="caption loss weight; 0 skips the captioning pass (the demo's setting)")
     args = ap.parse_args(argv)
     dev = torch.device(args.device)
     torch.manual_seed(0)
@@ -82,13 +87,14 @@ def main(argv=None):
     images = [Image.new("RGB", (256, 256), (i * 13 % 255, 90, 200)) for i in range(b)]
     pixels = torch.stack([model.encoders.preprocess(im) for im in images]).to(dev)
     feats, text = model.encode_images(pixels), model.encode_texts(caps)
-    loss_fn = UniMuRLoss(LossConfig())
+    loss_fn = UniMuRLoss(LossConfig(l_cap=args.l_cap))
+    with_caption = args.l_cap > 0
     params = [p for _, p in model.trainable_named_parameters()]
     opt = torch.optim.AdamW(params, lr=1e-4)
 
     def step(recompute: bool = False):
         f, t = (model.encode_images(pixels), model.encode_texts(caps)) if recompute else (feats, text)
-        loss = loss_fn(model(f, t, **tok))["loss"]
+        loss = loss_fn(model(f, t, **tok, with_caption=with_caption))["loss"]
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -101,17 +107,29 @@ def main(argv=None):
     dtype = llm.get_input_embeddings().weight.dtype
 
     def floor():
-        x_cap = torch.randn(b, cap_mask.shape[1], h_in, device=dev, dtype=dtype, requires_grad=True)
-        x_ret = torch.randn(b, tok["ret_ids"].shape[1], h_in, device=dev, dtype=dtype, requires_grad=True)
-        h = llm.base_model(inputs_embeds=x_cap, attention_mask=cap_mask).last_hidden_state[:, k - 1:-1]
-        sel = labels != -100
-        ce = F.cross_entropy(llm.get_output_embeddings()(h[sel]).float(), labels[sel])
-        r = llm.base_model(inputs_embeds=x_ret, attention_mask=tok["ret_mask"]).last_hidden_state[:, -1]
-        (ce + r.float().pow(2).mean()).backward()
+        if with_caption:
+            x_cap = torch.randn(b, cap_mask.shape[1], h_in, device=dev, dtype=dtype, requires_grad=True)
+            h = llm.base_model(inputs_embeds=x_cap, attention_mask=cap_mask).last_hidden_state[:, k - 1:-1]
+            sel = labels != -100
+            F.cross_entropy(llm.get_output_embeddings()(h[sel]).float(), labels[sel]).backward()
+        with torch.no_grad():
+            x_ret = torch.randn(b, tok["ret_ids"].shape[1], h_in, device=dev, dtype=dtype)
+            llm.base_model(inputs_embeds=x_ret, attention_mask=tok["ret_mask"])
+
+    def retrieval_pass(split: bool):
+        ids, mask = tok["ret_ids"], tok["ret_mask"]
+        if split:
+            u = model.unified_from_tokens(ids, mask)
+        else:  # the plain pass: autograd through every position
+            u = model.unified_from_hidden(model.run_llm(model.embed_tokens(ids), mask), mask)
+        u.pow(2).sum().backward()
+        model.zero_grad(set_to_none=True)
 
     t_floor = timeit(floor, args.repeats)
     t_step = timeit(step, args.repeats)
     t_recompute = timeit(lambda: step(recompute=True), args.repeats)
+    t_ret_split = timeit(lambda: retrieval_pass(True), args.repeats)
+    t_ret_full = timeit(lambda: retrieval_pass(False), args.repeats)
     rss_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     n_train = sum(p.numel() for p in params)
     emb = llm.get_input_embeddings().weight
@@ -119,10 +137,13 @@ def main(argv=None):
     print(f"config: llm={args.llm} visual={args.visual_model} text={args.text_model} target_proj={args.target_proj} "
           f"batch={b} max_len={args.max_len} device={dev} threads={torch.get_num_threads()} "
           f"image={tuple(pixels.shape[1:])} preprocess_size={size}")
-    print(f"floor (frozen LLM fwd+bwd to inputs, both passes): {t_floor * 1e3:8.1f} ms")
+    print(f"floor (caption pass fwd+bwd{'' if with_caption else ': skipped, l_cap=0'}; retrieval pass fwd): "
+          f"{t_floor * 1e3:8.1f} ms")
     print(f"full step, cached CLIP features:                    {t_step * 1e3:8.1f} ms  ratio to floor {t_step / t_floor:.3f}")
     print(f"full step, CLIP recomputed every step:              {t_recompute * 1e3:8.1f} ms  ratio to cached {t_recompute / t_step:.3f}")
     print(f"samples/s (cached): {b / t_step:.1f}")
+    print(f"retrieval pass fwd+bwd, [RET] on cached prefix:     {t_ret_split * 1e3:8.1f} ms; "
+          f"autograd through every position {t_ret_full * 1e3:8.1f} ms (x{t_ret_full / t_ret_split:.2f})")
     print(f"trainable params {n_train:,} ({n_train * 4 / 2**20:.2f} MB fp32, AdamW state {2 * n_train * 4 / 2**20:.2f} MB); "
           f"FROMAGe-style trainable embedding matrix {emb.numel():,} "
           f"({emb.numel() * 4 / 2**20:.1f} MB fp32, AdamW state {2 * emb.numel() * 4 / 2**20:.1f} MB): "

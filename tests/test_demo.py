@@ -33,6 +33,25 @@ def test_missing_packages_print_the_install_commands(tmp_path, monkeypatch, caps
     assert not (tmp_path / "out").exists()  # nothing was started
 
 
+def test_demo_data_is_reused_only_when_seed_sizes_and_generator_match(tmp_path):
+    from unimur import synthetic
+
+    sizes = {"n_train": 4, "n_val": 2, "n_visdial": 2, "n_mmdialog": 2, "n_negatives": 3, "image_size": 16}
+    root = tmp_path / "data"
+    meta_path = demo.ensure_data(root, 0, sizes)["meta"]
+    stamp = meta_path.stat().st_mtime_ns
+    demo.ensure_data(root, 0, sizes)
+    assert meta_path.stat().st_mtime_ns == stamp  # reused
+    meta = json.loads(meta_path.read_text())
+    assert meta["generator_version"] == synthetic.GENERATOR_VERSION
+    meta["generator_version"] -= 1  # data written by an older generator
+    meta_path.write_text(json.dumps(meta))
+    demo.ensure_data(root, 0, sizes)
+    assert json.loads(meta_path.read_text())["generator_version"] == synthetic.GENERATOR_VERSION
+    demo.ensure_data(root, 1, sizes)  # another seed
+    assert json.loads(meta_path.read_text())["seed"] == 1
+
+
 def test_chance_metrics():
     assert demo.chance(1)["R@1"] == 100.0
     c = demo.chance(50)

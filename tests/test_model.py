@@ -1,9 +1,10 @@
+import pytest
 import torch
 import torch.nn.functional as F
 
 from unimur.config import LossConfig, ModelConfig
 from unimur.loss import UniMuRLoss
-from unimur.model import UniMuR, last_position
+from unimur.model import UniMuR, last_position, left_align
 from unimur.tokenizer import tokenize_captions
 
 CAPTIONS = ["a red circle", "a large blue square on the left of a green star", "two yellow stars"]
@@ -129,3 +130,59 @@ def test_ret_embedding_initialised_from_mean_at_mean_norm(tiny_model):
     ret = tiny_model.ret_embedding.detach()
     assert torch.allclose(F.normalize(ret, dim=0), F.normalize(table.mean(0), dim=0), atol=1e-5)
     assert abs(ret.norm().item() - table.norm(dim=-1).mean().item()) < 1e-4
+
+
+def _tiny_llama(tiny_backbones):
+    """A Llama-family LLM (SmolLM2's architecture: RoPE, grouped KV heads) on the tiny tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    _, enc, tok, ret_id = tiny_backbones
+    torch.manual_seed(1)
+    llm = LlamaForCausalLM(LlamaConfig(vocab_size=50272, hidden_size=64, intermediate_size=128,
+                                       num_hidden_layers=2, num_attention_heads=4,
+                                       num_key_value_heads=2, max_position_embeddings=256,
+                                       pad_token_id=50256, bos_token_id=50256, eos_token_id=50256))
+    llm.eval().requires_grad_(False)
+    torch.manual_seed(0)
+    return UniMuR(ModelConfig(llm="tiny-opt", visual_model="tiny-clip"), llm, enc, tok, ret_id)
+
+
+@pytest.mark.parametrize("arch", ["opt", "llama"])
+def test_ret_pass_on_cached_prefix_equals_full_pass(arch, tiny_model, tiny_backbones):
+    """Training runs the caption once without autograd and only [RET] with it. Reference: the
+    plain full pass on the right-padded batch. Same u, same LMret loss, same gradients."""
+    model = tiny_model if arch == "opt" else _tiny_llama(tiny_backbones)
+    tok = tokenize_captions(model.tokenizer, CAPTIONS, 24, model.ret_id)
+    ids, mask = tok["ret_ids"], tok["ret_mask"]
+    w = torch.randn(len(CAPTIONS), model.emb_dim, generator=torch.Generator().manual_seed(3))
+    trainable = [model.ret_embedding, model.unified_mapping.weight]
+
+    def grads_of(loss):
+        for p in trainable:
+            p.grad = None
+        loss.backward()
+        return [p.grad.clone() for p in trainable]
+
+    u_fast, hidden, ids_run, mask_run = model.unified_from_tokens(ids, mask, return_hidden=True)
+    assert last_position(mask_run).tolist() == [ids.shape[1] - 1] * len(CAPTIONS)  # it ran split
+    lm_fast, n_fast = model._token_nll(hidden[:, :-1], model.next_token_labels(ids_run, mask_run))
+    g_fast = grads_of((u_fast * w).sum() + lm_fast)
+
+    full = model.run_llm(model.embed_tokens(ids), mask)
+    u_ref = model.unified_from_hidden(full, mask)
+    lm_ref, n_ref = model._token_nll(full[:, :-1], model.next_token_labels(ids, mask))
+    g_ref = grads_of((u_ref * w).sum() + lm_ref)
+
+    assert int(n_fast) == int(n_ref)
+    assert torch.allclose(u_fast, u_ref, atol=1e-5)
+    assert torch.allclose(lm_fast, lm_ref, rtol=1e-5)
+    for a, b in zip(g_fast, g_ref, strict=True):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_left_align_moves_tokens_to_the_end():
+    ids = torch.tensor([[5, 6, 7, 0], [5, 6, 7, 8], [9, 0, 0, 0]])
+    mask = (ids != 0).long()
+    out_ids, out_mask = left_align(ids, mask)
+    assert out_ids.masked_fill(out_mask == 0, 0).tolist() == [[0, 5, 6, 7], [5, 6, 7, 8], [0, 0, 0, 9]]
+    assert torch.equal(left_align(out_ids, out_mask)[1], out_mask)  # idempotent

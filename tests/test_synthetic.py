@@ -86,6 +86,21 @@ def test_heldout_absent_from_train_present_in_eval(meta):
     assert any(d["heldout"] and tuple(d["target_pair"]) in heldout for d in dialogues)
 
 
+def test_training_captions_never_use_dialogue_wording(data, meta):
+    """The VisDial queries' wording is unseen in training: no question, no Q:/A: form, no
+    dialogue position phrase, no question or answer string of the VisDial file."""
+    train = [item["caption"] for item in meta["splits"]["train"]]
+    described = [c for c in train if ". " in c]
+    assert described and len(described) < len(train)  # both caption styles occur
+    raw = json.loads(data["visdial_json"].read_text())["data"]
+    answers = {a for a in raw["answers"] if " " in a}  # multi-word answers (single words are colours)
+    for caption in train:
+        assert "?" not in caption and "Q:" not in caption and "A:" not in caption
+        assert not any(p in caption for p in synthetic.DIALOGUE_POSITION.values())
+        assert not any(q in caption for q in raw["questions"])
+        assert not any(a == sentence for a in answers for sentence in caption.split(". "))
+
+
 def test_rejects_bad_sizes(tmp_path):
     with pytest.raises(ValueError, match="n_negatives"):
         synthetic.generate(tmp_path, 0, n_negatives=synthetic.max_negatives() + 1)

@@ -153,9 +153,9 @@ class DemoConfig:
 
 
 DEFAULT = DemoConfig(
-    n_train=800, n_val=100, n_visdial=60, n_mmdialog=80, n_negatives=49, image_size=64,
+    n_train=800, n_val=100, n_visdial=100, n_mmdialog=80, n_negatives=49, image_size=64,
     epochs=3, steps_per_epoch=30, batch_size=32, val_batch_size=50, val_steps_per_epoch=2,
-    learning_rate=5e-3, lr_warmup_steps=5, max_len=16, l_cap=0.0, l_vm=2.0, eval_batch_size=32,
+    learning_rate=5e-3, lr_warmup_steps=5, max_len=40, l_cap=0.0, l_vm=2.0, eval_batch_size=32,
 )
 QUICK = dataclasses.replace(
     DEFAULT, n_train=160, n_val=40, n_visdial=24, n_mmdialog=24, n_negatives=19,
@@ -244,17 +244,18 @@ def _keep_signal_handlers():
 def ensure_data(root: Path, seed: int, sizes: dict[str, int]) -> dict[str, Path]:
     """The synthetic dataset in ``root``: reused if it holds the same seed and sizes, else
     (re)generated into a temporary folder and moved into place (never half-written)."""
-    from .synthetic import DEFAULT_SIZES, generate, output_paths
+    from .synthetic import DEFAULT_SIZES, GENERATOR_VERSION, generate, output_paths
 
     want = {**DEFAULT_SIZES, **sizes}
     meta_path = output_paths(root)["meta"]
     if meta_path.is_file():
         meta = json.loads(meta_path.read_text())
-        if meta.get("seed") == seed and meta.get("sizes") == want:
+        if (meta.get("seed") == seed and meta.get("sizes") == want
+                and meta.get("generator_version") == GENERATOR_VERSION):
             logger.info("reusing the synthetic data in %s (seed %d, same sizes)", root, seed)
             return output_paths(root)
-        logger.info("%s holds other data (seed %s, sizes %s): regenerating", root, meta.get("seed"),
-                    meta.get("sizes"))
+        logger.info("%s holds other data (seed %s, sizes %s, generator version %s): regenerating",
+                    root, meta.get("seed"), meta.get("sizes"), meta.get("generator_version"))
     elif root.exists() and any(root.iterdir()):
         raise SetupError(f"{root} exists and is not demo data (no meta.json): choose another --out")
     root.parent.mkdir(parents=True, exist_ok=True)

@@ -12,6 +12,7 @@ parameter and its output logit (LMret) is tied to it.
 """
 from __future__ import annotations
 
+import inspect
 import logging
 from dataclasses import dataclass
 from typing import Sequence, Union
@@ -225,13 +226,45 @@ class UniMuR(nn.Module):
 
     def unified_from_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                             return_hidden: bool = False):
-        """u for token sequences that end in [RET] (left or right padded): (B, E)."""
+        """u for token sequences that end in [RET] (left or right padded): (B, E).
+
+        With ``return_hidden`` also returns (hidden, ids, mask) of the pass, in the layout it
+        ran in (left-aligned when gradients are on: see `_run_llm_ret_last`).
+        """
         last = last_position(attention_mask)
         if not bool((input_ids.gather(1, last[:, None]) == self.ret_id).all()):
             raise ValueError("every sequence must end with [RET] at its last attended position")
-        hidden = self.run_llm(self.embed_tokens(input_ids), attention_mask)
+        if torch.is_grad_enabled() and self.ret_embedding.requires_grad:
+            input_ids, attention_mask = left_align(input_ids, attention_mask)
+            hidden = self._run_llm_ret_last(input_ids, attention_mask)
+        else:
+            hidden = self.run_llm(self.embed_tokens(input_ids), attention_mask)
         u = self.unified_from_hidden(hidden, attention_mask)
-        return (u, hidden) if return_hidden else u
+        return (u, hidden, input_ids, attention_mask) if return_hidden else u
+
+    def _run_llm_ret_last(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """`run_llm` for left-aligned sequences whose only trainable input is the final [RET].
+
+        The text before [RET] is made of frozen token embeddings, so no gradient can flow
+        into it: it runs once without autograd and leaves its keys and values in a cache, and
+        only the [RET] position runs with autograd on top of that cache. Same values and same
+        gradients as the full pass (tests/test_model.py), but the backward pass through the
+        frozen LLM covers one position instead of the whole caption.
+        """
+        prefix_ids = input_ids[:, :-1]
+        if prefix_ids.shape[1] == 0 or bool((prefix_ids == self.ret_id).any()):
+            return self.run_llm(self.embed_tokens(input_ids), attention_mask)  # nothing to split
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        body = self.llm.base_model
+        with torch.no_grad():
+            prefix = body(inputs_embeds=self.embed_tokens(prefix_ids).to(self._llm_dtype),
+                          attention_mask=attention_mask[:, :-1], position_ids=position_ids[:, :-1],
+                          use_cache=True)
+        ret_in = self.ret_embedding.to(self._llm_dtype).expand(input_ids.shape[0], 1, -1)
+        ret = body(inputs_embeds=ret_in, attention_mask=attention_mask,
+                   position_ids=position_ids[:, -1:], use_cache=True,
+                   **{_cache_kwarg(body): _output_cache(prefix)})
+        return torch.cat([prefix.last_hidden_state, ret.last_hidden_state], dim=1)
 
     def caption_nll(self, cap_features: torch.Tensor, caption_ids: torch.Tensor,
                     caption_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -251,10 +284,22 @@ class UniMuR(nn.Module):
         return self._token_nll(hidden[:, k - 1 : -1], labels)
 
     def _labels(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Targets: attended tokens except the leading BOS (left or right padding)."""
         labels = ids.masked_fill(mask == 0, -100)
         if self._bos_ids:
-            labels[:, : len(self._bos_ids)] = -100
+            first = mask.long().argmax(-1)  # first attended column of each row
+            rows = torch.arange(ids.shape[0], device=ids.device)
+            for j in range(len(self._bos_ids)):
+                labels[rows, (first + j).clamp(max=ids.shape[1] - 1)] = -100
         return labels
+
+    def next_token_labels(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """(B, T-1) targets for hidden[:, :-1] of a text-only sequence (LMret). The first
+        attended token is never a target: nothing real precedes it (with left padding a pad
+        position would otherwise "predict" it)."""
+        labels = self._labels(ids, mask)
+        labels[torch.arange(ids.shape[0], device=ids.device), mask.long().argmax(-1)] = -100
+        return labels[:, 1:]
 
     def _token_nll(self, pred_hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         sel = labels != -100
@@ -277,10 +322,10 @@ class UniMuR(nn.Module):
             caption_nll, caption_tokens = self.caption_nll(self.cap_input(image_features), caption_ids, caption_mask)
         else:
             caption_nll = caption_tokens = torch.zeros((), device=ret_ids.device)
-        u, hidden = self.unified_from_tokens(ret_ids, ret_mask, return_hidden=True)
+        u, hidden, ret_ids, ret_mask = self.unified_from_tokens(ret_ids, ret_mask, return_hidden=True)
         lm_nll = lm_tokens = None
         if with_lm:  # LMret: teach the LLM to emit [RET] after a caption
-            lm_nll, lm_tokens = self._token_nll(hidden[:, :-1], self._labels(ret_ids, ret_mask)[:, 1:])
+            lm_nll, lm_tokens = self._token_nll(hidden[:, :-1], self.next_token_labels(ret_ids, ret_mask))
         v = self.image_targets(image_features)
         t = None
         if self.config.method == "unimur" and with_text:
@@ -342,6 +387,26 @@ class UniMuR(nn.Module):
             else:
                 out.append(img.to(self.device, self.cap_mapping.weight.dtype))
         return torch.stack(out)
+
+
+def _cache_kwarg(body: nn.Module) -> str:
+    """transformers renamed `past_key_values` to `cache` during 5.x; accept either."""
+    return "cache" if "cache" in inspect.signature(body.forward).parameters else "past_key_values"
+
+
+def _output_cache(out):
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
+
+
+def left_align(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shift each row so its attended tokens end at the last column (left padding): (ids, mask).
+
+    Assumes each row's attended tokens are contiguous (left or right padding)."""
+    t = mask.shape[1]
+    shift = (t - 1 - last_position(mask))[:, None]                         # (B, 1)
+    src = (torch.arange(t, device=mask.device)[None, :] - shift) % t        # column to read
+    return ids.gather(1, src), mask.gather(1, src)
 
 
 def last_position(attention_mask: torch.Tensor) -> torch.Tensor:
