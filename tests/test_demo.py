@@ -60,26 +60,30 @@ def test_chance_metrics():
     assert c["MRR"] == pytest.approx(sum(1 / r for r in range(1, 51)) / 50)
 
 
-def _visdial_results(ranks):
+def _visdial_results(ranks, i2d_ranks=None):
     import torch
 
     from unimur.retrieval import recall_metrics
 
-    examples = [{"gt_images": [f"/x/VisualDialog_val2018_{100000 + i:012d}.jpg"], "gt_rank": r}
-                for i, r in enumerate(ranks)]
+    i2d_ranks = i2d_ranks or ranks
+    examples = [{"gt_images": [f"/x/VisualDialog_val2018_{100000 + i:012d}.jpg"], "gt_rank": r,
+                 "image_to_dialogue_rank": r2} for i, (r, r2) in enumerate(zip(ranks, i2d_ranks))]
     return {"examples": examples, "counts": {"dialogues_evaluated": len(ranks)},
             "metrics": {"dialogue_to_image": recall_metrics(torch.tensor(ranks)),
                         "image_to_dialogue": recall_metrics(torch.tensor(ranks))}}
 
 
 def test_visdial_subsets_split_by_heldout_flag():
-    results = _visdial_results([1, 7, 2, 30])
+    results = _visdial_results([1, 7, 2, 30], i2d_ranks=[4, 24, 3, 1])
     meta = {"splits": {"visdial": [{"image_id": 100000 + i, "heldout": i % 2 == 0} for i in range(4)]}}
     subsets, rows = demo.visdial_subsets(results, meta)
     d2i = subsets["dialogue_to_image"]
     assert d2i["held-out"]["n"] == 2 and d2i["held-out"]["R@1"] == 50.0  # ranks 1, 2
     assert d2i["seen"]["n"] == 2 and d2i["seen"]["R@5"] == 0.0           # ranks 7, 30
     assert d2i["all"]["n"] == 4
+    i2d = subsets["image_to_dialogue"]  # held-out ranks 4, 3; seen 24, 1
+    assert i2d["held-out"]["n"] == 2 and i2d["held-out"]["R@5"] == 100.0
+    assert i2d["seen"]["R@1"] == 50.0 and i2d["seen"]["R@10"] == 50.0
     assert [r["heldout"] for r in rows] == [True, False, True, False]
 
 

@@ -146,6 +146,7 @@ def test_visdial_metrics_both_directions(tmp_path):
     # the query is FROMAGe's "Q: ...? A: ...." text, one string per dialogue
     assert stub.query_calls[0][0] == ["Q: what is it? A: alpha. Q: anything else? A: nothing."]
     assert res["examples"][3]["gt_rank"] == 4
+    assert [ex["image_to_dialogue_rank"] for ex in res["examples"]] == [1, 2, 1, 4]
     assert [x["id"] for x in res["examples"][3]["retrieved_images"]] == ["102", "101", "103", "104"]
 
 

@@ -147,14 +147,21 @@ def _tiny_llama(tiny_backbones):
     return UniMuR(ModelConfig(llm="tiny-opt", visual_model="tiny-clip"), llm, enc, tok, ret_id)
 
 
-@pytest.mark.parametrize("arch", ["opt", "llama"])
-def test_ret_pass_on_cached_prefix_equals_full_pass(arch, tiny_model, tiny_backbones):
-    """Training runs the caption once without autograd and only [RET] with it. Reference: the
-    plain full pass on the right-padded batch. Same u, same LMret loss, same gradients."""
+@pytest.mark.parametrize("arch,buckets", [("opt", 1), ("llama", 1), ("opt", 3), ("llama", 3)])
+def test_ret_pass_on_cached_prefix_equals_full_pass(arch, buckets, tiny_model, tiny_backbones,
+                                                    monkeypatch):
+    """Training runs the caption once without autograd and only [RET] with it, in length
+    buckets. Reference: the plain full pass on the right-padded batch. Same u, same LMret loss,
+    same gradients."""
+    import unimur.model as model_module
+
+    monkeypatch.setattr(model_module, "RET_PASS_BUCKETS", buckets)
+    monkeypatch.setattr(model_module, "RET_PASS_MIN_ROWS", 1)
     model = tiny_model if arch == "opt" else _tiny_llama(tiny_backbones)
-    tok = tokenize_captions(model.tokenizer, CAPTIONS, 24, model.ret_id)
+    captions = CAPTIONS + ["stars", "a small pink hexagon at the top and a brown square below it"]
+    tok = tokenize_captions(model.tokenizer, captions, 24, model.ret_id)
     ids, mask = tok["ret_ids"], tok["ret_mask"]
-    w = torch.randn(len(CAPTIONS), model.emb_dim, generator=torch.Generator().manual_seed(3))
+    w = torch.randn(len(captions), model.emb_dim, generator=torch.Generator().manual_seed(3))
     trainable = [model.ret_embedding, model.unified_mapping.weight]
 
     def grads_of(loss):
@@ -164,7 +171,7 @@ def test_ret_pass_on_cached_prefix_equals_full_pass(arch, tiny_model, tiny_backb
         return [p.grad.clone() for p in trainable]
 
     u_fast, hidden, ids_run, mask_run = model.unified_from_tokens(ids, mask, return_hidden=True)
-    assert last_position(mask_run).tolist() == [ids.shape[1] - 1] * len(CAPTIONS)  # it ran split
+    assert last_position(mask_run).tolist() == [ids.shape[1] - 1] * len(captions)  # it ran split
     lm_fast, n_fast = model._token_nll(hidden[:, :-1], model.next_token_labels(ids_run, mask_run))
     g_fast = grads_of((u_fast * w).sum() + lm_fast)
 

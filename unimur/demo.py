@@ -356,17 +356,19 @@ def visdial_subsets(results: dict[str, Any], meta: dict[str, Any]) -> tuple[dict
     examples = results["examples"]
     if len(examples) != results["counts"]["dialogues_evaluated"]:
         raise RuntimeError("VisDial results do not carry every query's rank")
-    groups: dict[str, list[int]] = {"held-out": [], "seen": []}
+    d2i: dict[str, list[int]] = {"held-out": [], "seen": []}
+    i2d: dict[str, list[int]] = {"held-out": [], "seen": []}
     rows = []
     for ex in examples:
         image_id = int(Path(ex["gt_images"][0]).stem.rsplit("_", 1)[1])
         group = "held-out" if heldout[image_id] else "seen"
-        groups[group].append(int(ex["gt_rank"]))
-        rows.append({"image_id": image_id, "heldout": heldout[image_id], "rank": int(ex["gt_rank"])})
-    # image->dialogue (FROMAGe's direction): the results carry no per-query ranks for it
-    return {"dialogue_to_image": {"all": results["metrics"]["dialogue_to_image"],
-                                  **_subset_metrics(groups)},
-            "image_to_dialogue": {"all": results["metrics"]["image_to_dialogue"]}}, rows
+        d2i[group].append(int(ex["gt_rank"]))
+        i2d[group].append(int(ex["image_to_dialogue_rank"]))
+        rows.append({"image_id": image_id, "heldout": heldout[image_id], "rank": int(ex["gt_rank"]),
+                     "image_to_dialogue_rank": int(ex["image_to_dialogue_rank"])})
+    return {"dialogue_to_image": {"all": results["metrics"]["dialogue_to_image"], **_subset_metrics(d2i)},
+            "image_to_dialogue": {"all": results["metrics"]["image_to_dialogue"], **_subset_metrics(i2d)},
+            }, rows
 
 
 def mmdialog_subsets(results: dict[str, Any], meta: dict[str, Any]) -> tuple[dict, list]:
@@ -460,6 +462,8 @@ ROWS = (  # (benchmark, metric, subset, label)
     ("visdial", "dialogue_to_image", "held-out", "                         held-out"),
     ("visdial", "dialogue_to_image", "seen", "                         seen"),
     ("visdial", "image_to_dialogue", "all", "VisDial image->dialogue  all"),
+    ("visdial", "image_to_dialogue", "held-out", "                         held-out"),
+    ("visdial", "image_to_dialogue", "seen", "                         seen"),
     ("mmdialog", "overall", "all", "MMDialog overall         all"),
     ("mmdialog", "overall", "held-out", "                         held-out"),
     ("mmdialog", "overall", "seen", "                         seen"),

@@ -227,7 +227,7 @@ def evaluate_visdial(embedder: Embedder, visdial_dir: str | Path, *, context: st
                    "dialogues_skipped": sum(counts["skipped_dialogues"].values()),
                    **counts, "unreadable_images": dict(sorted(image_skips.items()))},
         "timing": _timing(t0, len(dialogs)),
-        "examples": _visdial_examples(dialogs, queries, sim, d2i, n_examples),
+        "examples": _visdial_examples(dialogs, queries, sim, d2i, i2d, n_examples),
         "notes": [],
     }
 
@@ -238,14 +238,16 @@ def _check_dims(queries: Tensor, candidates: Tensor, what: str) -> None:
                          f"{candidates.shape[1]}-d: were they computed with another model?")
 
 
-def _visdial_examples(dialogs: list, queries: list[str], sim: Tensor, ranks: Tensor, n: int
-                      ) -> list[dict[str, Any]]:
-    """The first ``n`` dialogues with their top retrieved images (sim: [D, D])."""
+def _visdial_examples(dialogs: list, queries: list[str], sim: Tensor, ranks: Tensor,
+                      i2d_ranks: Tensor, n: int) -> list[dict[str, Any]]:
+    """The first ``n`` dialogues with their top retrieved images (sim: [D, D]); ``gt_rank`` is
+    the dialogue->image rank, ``image_to_dialogue_rank`` that of the dialogue for its image."""
     values, indices = _ranked(sim[:n], EXAMPLE_TOP_K)
     return [{
         "query": queries[q],
         "gt_images": [str(dialogs[q].image_path)],
         "gt_rank": int(ranks[q]),
+        "image_to_dialogue_rank": int(i2d_ranks[q]),
         "retrieved_images": [{"id": str(dialogs[j].image_id), "path": str(dialogs[j].image_path),
                               "score": float(s), "is_gt": int(j) == q}
                              for s, j in zip(values[q].tolist(), indices[q].tolist())],

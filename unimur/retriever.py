@@ -105,6 +105,8 @@ class ModelEmbedder:
         if not chunks:
             return torch.empty(0, self.model.encoders.text_embed_dim)
         table = torch.cat(chunks)
+        if len(unique) == len(texts):  # already distinct (the evaluations pass unique pools)
+            return table
         pos = {t: i for i, t in enumerate(unique)}
         return table[torch.tensor([pos[t] for t in texts], dtype=torch.long)]
 
