@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import inspect
 import logging
-import math
 from dataclasses import dataclass
 from typing import Sequence, Union
 
@@ -237,32 +236,11 @@ class UniMuR(nn.Module):
             raise ValueError("every sequence must end with [RET] at its last attended position")
         if torch.is_grad_enabled() and self.ret_embedding.requires_grad:
             input_ids, attention_mask = left_align(input_ids, attention_mask)
-            hidden = self._run_llm_ret_last_bucketed(input_ids, attention_mask)
+            hidden = self._run_llm_ret_last(input_ids, attention_mask)
         else:
             hidden = self.run_llm(self.embed_tokens(input_ids), attention_mask)
         u = self.unified_from_hidden(hidden, attention_mask)
         return (u, hidden, input_ids, attention_mask) if return_hidden else u
-
-    def _run_llm_ret_last_bucketed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor
-                                   ) -> torch.Tensor:
-        """`_run_llm_ret_last` on up to RET_PASS_BUCKETS groups of similar length, each cut to
-        its own longest row: captions vary in length, and padding is most of a random batch's
-        positions otherwise. Returns the (B, T, H) hidden states of the whole left-aligned batch
-        (zeros at padding)."""
-        b, t = input_ids.shape
-        lengths = attention_mask.sum(-1)
-        order = lengths.argsort()
-        size = max(RET_PASS_MIN_ROWS, math.ceil(b / RET_PASS_BUCKETS))
-        if size >= b:
-            return self._run_llm_ret_last(input_ids, attention_mask)
-        hidden = None
-        for rows in order.split(size):
-            width = int(lengths[rows].max())
-            h = self._run_llm_ret_last(input_ids[rows, t - width:], attention_mask[rows, t - width:])
-            if hidden is None:
-                hidden = h.new_zeros(b, t, h.shape[-1])
-            hidden = hidden.index_put((rows[:, None], torch.arange(t - width, t, device=h.device)), h)
-        return hidden
 
     def _run_llm_ret_last(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """`run_llm` for left-aligned sequences whose only trainable input is the final [RET].
@@ -409,11 +387,6 @@ class UniMuR(nn.Module):
             else:
                 out.append(img.to(self.device, self.cap_mapping.weight.dtype))
         return torch.stack(out)
-
-
-# The training retrieval pass runs in at most this many length groups of at least this many rows.
-RET_PASS_BUCKETS = 4
-RET_PASS_MIN_ROWS = 8
 
 
 def _cache_kwarg(body: nn.Module) -> str:
