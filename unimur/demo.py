@@ -107,15 +107,17 @@ RANDOM_INIT = Backbones("random_init", "random-init bb", "tiny-opt", "tiny-clip"
 class DemoConfig:
     """Sizes and training settings.
 
-    The default fits in ~8 min on 2 CPU cores (measured: feature cache ~0.1 s per image, since
-    EfficientNet-Lite0 sees every 64 px image at 224 px; one step of batch 32 ~2.8 s, the frozen
-    LLM's forward and backward to the [RET] input; VisDial ~0.45 s per 10-round dialogue and
-    MMDialog ~0.1 s per image per evaluated model). Hence: 800 training images, 90 steps of 32
-    at lr 5e-3 (linear maps from scratch), captions cut at 16 tokens, no captioning pass
-    (l_cap=0 halves the LLM work; W_cap then stays at its initial value, which only matters for
-    images inside MMDialog contexts), and l_vm=2 because the image side (W_v from scratch on
-    EfficientNet features) learns slower than the text side. --quick checks every stage in
-    ~2 min; its numbers mean nothing."""
+    The default takes ~9 min on 2 CPU cores (measured: feature cache ~0.1 s per image, since
+    EfficientNet-Lite0 sees every 64 px image at 224 px; one step of batch 32 ~3.4 s, the
+    frozen LLM's forward, since only [RET] back-propagates; VisDial ~0.35 s per 10-round
+    dialogue and MMDialog ~0.1 s per image per evaluated model). Hence: 800 training images,
+    90 steps of 32 at lr 5e-3 (linear maps from scratch), captions cut at 40 tokens (half of
+    the synthetic captions are several-sentence descriptions, which is what lets the unified
+    embedding of a long dialogue carry its content; see ``synthetic.described_caption``), no
+    captioning pass (l_cap=0 skips that LLM pass; W_cap then stays at its initial value, which
+    only matters for images inside MMDialog contexts), and l_vm=2 because the image side (W_v
+    from scratch on EfficientNet features) learns slower than the text side. --quick checks
+    every stage in ~2 min; its numbers mean nothing."""
 
     # synthetic data (unimur.synthetic.generate)
     n_train: int

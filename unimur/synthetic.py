@@ -2,7 +2,9 @@
 
 No captioned image set and no CLIP weights can be downloaded where this project is tested (SPEC
 section 6), so the whole pipeline (training, VisDial and MMDialog evaluation) is exercised on data
-drawn here: one to three coloured shapes on a plain background, with compositional captions.
+drawn here: one to three coloured shapes on a plain background, with compositional captions:
+short noun phrases ("a red star above a green circle") and, for half of them, several-sentence
+descriptions ("the picture shows two shapes. the star is red. ...").
 
 A seed-determined set of (colour, shape) pairs is *held out*: it never appears in the training
 split, but does appear in the validation split and the two dialogue benchmarks, so retrieval of an
