@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The UniMuR demo in one command, on a fresh machine: offline, CPU only, pretrained backbones
-# that ship inside PyPI wheels (SPEC section 6). About 10 minutes on 2 CPU cores, plus the
+# that ship inside PyPI wheels (SPEC section 6). About 9 minutes on 2 CPU cores, plus the
 # one-off installs and the one-off SmolLM2 conversion (~1 min) on the first run.
 #
 #   ./run_demo.sh                  # full demo, outputs in demo_run/

@@ -132,7 +132,7 @@ def _demo_packages_missing() -> list[str]:
 def test_quick_demo_end_to_end(tmp_path):
     out = tmp_path / "demo"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "-m", "unimur.demo", "--quick", "--out", str(out)],
+    proc = subprocess.run([sys.executable, "-m", "unimur.demo", "--quick", "--with-untrained", "--out", str(out)],
                           check=False, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-5000:]
     assert "UniMuR demo results" in proc.stdout

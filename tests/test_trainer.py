@@ -117,6 +117,25 @@ def test_two_processes_match_one_process_on_the_concatenated_batch(synthetic, tm
         assert torch.allclose(w1[k], w2[k], atol=1e-5, rtol=1e-4), k
 
 
+def test_torchrun_two_processes_match_one_process(synthetic, tmp_path):
+    """The torchrun (env://) launch path: same losses and weights as one process."""
+    one = main_module.main(tiny_args(synthetic, tmp_path, "one", "--epochs=1"))
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           str(ROOT / "main.py"), *tiny_args(synthetic, tmp_path, "torchrun", "--epochs=1",
+                                              "--dist-backend=gloo")]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert one.step == 3 and len(read_metrics(tmp_path / "torchrun")) == 3
+    for a, b in zip(read_metrics(tmp_path / "one"), read_metrics(tmp_path / "torchrun"), strict=True):
+        for k in ("loss", "cap", "vm", "tm"):
+            assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-5), (a["step"], k)
+    w1, w2 = trainable(tmp_path / "one"), trainable(tmp_path / "torchrun")
+    for k in w1:
+        assert torch.allclose(w1[k], w2[k], atol=1e-5, rtol=1e-4), k
+    assert "rank 0 of world size 2 (env://" in (tmp_path / "torchrun" / "train.log").read_text()
+
+
 def test_training_without_the_feature_cache_gives_the_same_losses(synthetic, tmp_path):
     """Cached CLIP features versus CLIP recomputed from the images every step (FROMAGe's way)."""
     cached = main_module.main(tiny_args(synthetic, tmp_path, "cached", "--epochs=1"))

@@ -15,15 +15,16 @@ What it runs, each stage with this project's own commands and functions (nothing
              --target-proj linear``), feature cache on. Only the linear maps, [RET] and the logit
              scale train.
 3. prune     ``unimur.prune_model_ckpt.prune`` of the best checkpoint -> ``<out>/models/trained``.
-4. baselines the same pipeline untrained: ``UniMuR.build`` with the training seed (the trainer's
-             initial weights) saved with ``unimur.pretrained.save_pretrained``; and, unless
-             ``--skip-random-init``, the same training on random-init backbones (``tiny-opt`` +
-             ``tiny-clip``), which shows what the pretrained backbones contribute.
+4. baselines unless ``--skip-random-init``, the same training on random-init backbones
+             (``tiny-opt`` + ``tiny-clip``), which shows what the pretrained backbones
+             contribute; with ``--with-untrained`` also the pipeline untrained: ``UniMuR.build``
+             with the training seed (the trainer's initial weights) saved with
+             ``unimur.pretrained.save_pretrained``.
 5. evaluate  ``unimur.evaluation.evaluate_visdial`` / ``evaluate_mmdialog`` (the functions behind
              ``evals/eval_visdial.py`` / ``evals/eval_mmdialog.py``, same defaults) per model;
              JSON results and example PNGs under ``<out>/results``. Per-query ranks give the
              metrics on held-out and on seen (colour, shape) pairs separately.
-6. report    one table: trained vs untrained vs random-init backbones vs chance, all / held-out /
+6. report    one table: trained vs (untrained vs) random-init backbones vs chance, all / held-out /
              seen; and the wall time of each stage. ``<out>/results/summary.json`` holds it all.
 
 The evaluation goes through the library functions rather than the scripts' ``main`` because the
@@ -107,7 +108,7 @@ RANDOM_INIT = Backbones("random_init", "random-init bb", "tiny-opt", "tiny-clip"
 class DemoConfig:
     """Sizes and training settings.
 
-    The default takes ~9 min on 2 CPU cores (measured: feature cache ~0.1 s per image, since
+    The default takes ~8-9 min on 2 CPU cores (measured: feature cache ~0.1 s per image, since
     EfficientNet-Lite0 sees every 64 px image at 224 px; one step of batch 32 ~3.4 s, the
     frozen LLM's forward, since only [RET] back-propagates; VisDial ~0.35 s per 10-round
     dialogue and MMDialog ~0.1 s per image per evaluated model). Hence: 800 training images,
@@ -509,7 +510,8 @@ def results_table(models: dict[str, dict[str, Any]], chance_by_bench: dict[str, 
 # ----------------------------------------------------------------------------------------------
 
 
-def run(out: Path, seed: int, cfg: DemoConfig, random_init: bool) -> dict[str, Any]:
+def run(out: Path, seed: int, cfg: DemoConfig, random_init: bool, untrained: bool = False
+        ) -> dict[str, Any]:
     import torch
 
     from . import offline_backbones
@@ -538,11 +540,12 @@ def run(out: Path, seed: int, cfg: DemoConfig, random_init: bool) -> dict[str, A
         models[PRETRAINED.label] = evaluate(model, trained_dir, data, meta, results_dir, "trained",
                                             cfg.eval_batch_size, png=True)
         del model
-    with stages("build + evaluate untrained model (same seed)"):
-        model = save_untrained(run_dir, models_dir / "untrained")
-        models["untrained"] = evaluate(model, models_dir / "untrained", data, meta, results_dir,
-                                       "untrained", cfg.eval_batch_size, png=False)
-        del model
+    if untrained:
+        with stages("build + evaluate untrained model (same seed)"):
+            model = save_untrained(run_dir, models_dir / "untrained")
+            models["untrained"] = evaluate(model, models_dir / "untrained", data, meta, results_dir,
+                                           "untrained", cfg.eval_batch_size, png=False)
+            del model
     if random_init:
         with stages("train + prune + evaluate on random-init backbones (tiny-opt + tiny-clip)"):
             _, rckpt, _ = train(RANDOM_INIT, cfg, data, out, seed)
@@ -569,6 +572,7 @@ def run(out: Path, seed: int, cfg: DemoConfig, random_init: bool) -> dict[str, A
                    f"negatives + 1 per ground-truth element")
     summary = {
         "config": dataclasses.asdict(cfg), "seed": seed, "random_init_baseline": random_init,
+        "untrained_baseline": untrained,
         "heldout_pairs": meta["heldout_pairs"],
         "models": {label: {bench: r["subsets"] for bench, r in res.items()} for label, res in models.items()},
         "chance": chance_by_bench,
@@ -583,7 +587,8 @@ def run(out: Path, seed: int, cfg: DemoConfig, random_init: bool) -> dict[str, A
     print(table)
     print(chance_note)
     print("columns: trained = UniMuR trained on frozen pretrained SmolLM2-135M + EfficientNet-Lite0 "
-          "+ all-MiniLM-L6-v2;\n         untrained = the same before training (initial weights);"
+          "+ all-MiniLM-L6-v2;"
+          + ("\n         untrained = the same before training (initial weights);" if untrained else "")
           + ("\n         random-init bb = the same training on random-init backbones (tiny-opt + tiny-clip)"
              if random_init else ""))
     print("\nWall time per stage:\n" + timing)
@@ -609,6 +614,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         "not the numbers")
     p.add_argument("--skip-random-init", action="store_true",
                    help="skip the random-init-backbone baseline (~10 s)")
+    p.add_argument("--with-untrained", action="store_true",
+                   help="also evaluate the model before training (its initial weights; ~70 s)")
     return p.parse_args(argv)
 
 
@@ -617,7 +624,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging()
     cfg = QUICK if args.quick else DEFAULT
     try:
-        run(Path(args.out), args.seed, cfg, random_init=not args.skip_random_init)
+        run(Path(args.out), args.seed, cfg, random_init=not args.skip_random_init,
+            untrained=args.with_untrained)
     except SetupError as e:
         sys.stderr.write(f"\nerror: {e}\n")
         return 2

@@ -97,6 +97,8 @@ def _run(local_rank: int, rank: int, world: int, init_method: str | None, args, 
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     if world > 1:
         dist.init_process_group(_backend(args, device), init_method=init_method, world_size=world, rank=rank)
+        logger.info("process group up: rank %d of world size %d (%s, %s backend)", rank, world,
+                    init_method, dist.get_backend())
     try:
         trainer = Trainer(cfg, run_dir, device, resume=args.resume)
         if rank == 0:
