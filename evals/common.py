@@ -45,7 +45,7 @@ def require_path(path: str | Path, what: str, hint: str) -> Path:
 
 
 def load_embedder(model_dir: str | Path, device: str | None = None, batch_size: int = 64,
-                  num_workers: int = 0, progress: bool = True):
+                  num_workers: int = 0, progress: bool = True, image_resize: str = "crop"):
     """A :class:`~unimur.retriever.ModelEmbedder` over the pruned model in ``model_dir``."""
     from unimur.model import UniMuR
     from unimur.retriever import ModelEmbedder
@@ -59,7 +59,8 @@ def load_embedder(model_dir: str | Path, device: str | None = None, batch_size: 
             f"(see unimur/prune_model_ckpt.py) and shipped as unimur_model/ in the README")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = UniMuR.from_pretrained(model_dir, device=device)
-    return ModelEmbedder(model, batch_size=batch_size, num_workers=num_workers, progress=progress)
+    return ModelEmbedder(model, batch_size=batch_size, num_workers=num_workers, progress=progress,
+                         image_resize=image_resize)
 
 
 def model_info(model_dir: str | Path, embedder: Embedder) -> dict[str, Any]:

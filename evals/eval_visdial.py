@@ -34,6 +34,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="query text: the rounds only, or the caption then the rounds; "
                         "default: %(default)s")
     p.add_argument("--rounds", type=int, default=10, help="rounds in the query; default: %(default)s")
+    p.add_argument("--image-resize", choices=("crop", "squash"), default="crop",
+                   help="crop: the encoder's preprocessing (short side, centre crop); squash: resize "
+                        "to the square input first, as FROMAGe's evaluation does (to reproduce its "
+                        "numbers); default: %(default)s")
     return p.parse_args(argv)
 
 
@@ -46,9 +50,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
                  "pass --visdial-dir: the folder with visdial_1.0_val.json and "
                  "VisualDialog_val2018/ (see the README's 'Preparing Evaluation Datasets')")
     embedder = load_embedder(args.model_dir, args.device, args.batch_size, args.num_workers,
-                             progress=not args.no_progress)
+                             progress=not args.no_progress, image_resize=args.image_resize)
     results = evaluate_visdial(embedder, args.visdial_dir, context=args.context,
                                rounds=args.rounds, split=args.split)
+    results["settings"]["image_resize"] = args.image_resize
     results["model"] = model_info(args.model_dir, embedder)
     print(report(results, args.output, args.examples_png))
     return results

@@ -65,6 +65,36 @@ def tiny_opt_config():
     )
 
 
+# Published architectures of the OPT family (the `config.json` of each facebook/opt-* repo), so
+# the paper's model can be built on the meta device (pruning, converting, counting parameters)
+# on a machine without a model hub. (hidden, layers, heads, ffn, word_embed_proj_dim)
+OPT_SHAPES = {
+    "facebook/opt-125m": (768, 12, 12, 3072, 768),
+    "facebook/opt-350m": (1024, 24, 16, 4096, 512),
+    "facebook/opt-1.3b": (2048, 24, 32, 8192, 2048),
+    "facebook/opt-2.7b": (2560, 32, 32, 10240, 2560),
+    "facebook/opt-6.7b": (4096, 32, 32, 16384, 4096),
+    "facebook/opt-13b": (5120, 40, 40, 20480, 5120),
+    "facebook/opt-30b": (7168, 48, 56, 28672, 7168),
+}
+
+
+def llm_config(name: str):
+    """The transformers config of an LLM identifier: the OPT table above for known OPT ids,
+    else `AutoConfig` (a local folder, the hub cache, or the hub)."""
+    if name in OPT_SHAPES:
+        from transformers import OPTConfig
+
+        hidden, layers, heads, ffn, proj = OPT_SHAPES[name]
+        return OPTConfig(vocab_size=50272, hidden_size=hidden, num_hidden_layers=layers,
+                         num_attention_heads=heads, ffn_dim=ffn, word_embed_proj_dim=proj,
+                         max_position_embeddings=2048, do_layer_norm_before=name != "facebook/opt-350m",
+                         pad_token_id=1, bos_token_id=2, eos_token_id=2, dropout=0.1)
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(name)
+
+
 def load_llm(name: str, dtype: str = "fp32", weights: bool = True) -> nn.Module:
     """A frozen causal LM by identifier (see module docstring).
 
@@ -84,9 +114,9 @@ def load_llm(name: str, dtype: str = "fp32", weights: bool = True) -> nn.Module:
             llm = OPTForCausalLM(tiny_opt_config())
         llm = llm.to(torch_dtype)
     elif not weights:
-        from transformers import AutoConfig, AutoModelForCausalLM
+        from transformers import AutoModelForCausalLM
 
-        llm = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(name), dtype=torch_dtype)
+        llm = AutoModelForCausalLM.from_config(llm_config(name), dtype=torch_dtype)
     else:
         from transformers import AutoModelForCausalLM
 
@@ -193,6 +223,58 @@ TINY_CLIP_CFG = {
 }
 
 
+@dataclass(frozen=True)
+class OpenCLIPSpec:
+    """An open_clip model resolved from an identifier, with the settings its weights need.
+
+    quick_gelu: OpenAI's CLIP weights were trained with QuickGELU, but open_clip's architecture
+    configs (``ViT-L-14``, ``ViT-B-32``, ...) build GELU; the pretrained tag's config says which
+    (``quick_gelu=True``) and open_clip only warns on a mismatch. Building with the wrong
+    activation silently shifts every frozen feature, so it is part of the identity.
+    """
+
+    model_name: str
+    pretrained: str | None
+    quick_gelu: bool
+    tag_cfg: dict
+
+    @property
+    def identity(self) -> str:
+        return f"open_clip:{self.model_name}:{self.pretrained}" + ("|quick_gelu" if self.quick_gelu else "")
+
+
+def resolve_open_clip(visual_model: str) -> OpenCLIPSpec:
+    """NAME[:tag], a seed alias, a local weights file or a schema (`local-dir:`, `hf-hub:`)."""
+    from open_clip.pretrained import get_pretrained_cfg
+
+    model_name, pretrained = _parse_clip_name(visual_model)
+    # A known tag's config (no download); {} for local weight files and schemas, whose own
+    # config decides the activation.
+    tag_cfg = dict(get_pretrained_cfg(model_name, pretrained)) if pretrained else {}
+    quick_gelu = bool(tag_cfg.get("quick_gelu", False)) or model_name.endswith("-quickgelu")
+    return OpenCLIPSpec(model_name, pretrained, quick_gelu, tag_cfg)
+
+
+def _create_open_clip(spec: OpenCLIPSpec, weights: bool):
+    """(clip, eval preprocess). Without weights: the same architecture and preprocessing as the
+    tagged model, built on the current default device (``meta`` under `UniMuR.skeleton`)."""
+    import open_clip
+
+    if weights:
+        clip, _, preprocess = open_clip.create_model_and_transforms(
+            spec.model_name, pretrained=spec.pretrained, force_quick_gelu=spec.quick_gelu)
+        return clip, preprocess
+    # open_clip downloads a tag's weights even with load_weights=False, so pass no tag and
+    # give its preprocessing explicitly; `device` keeps a meta build on meta (open_clip
+    # otherwise moves the model to the CPU, which fails for meta tensors).
+    cfg = spec.tag_cfg
+    clip, _, preprocess = open_clip.create_model_and_transforms(
+        spec.model_name, pretrained=None, force_quick_gelu=spec.quick_gelu,
+        device=torch.get_default_device(), image_mean=cfg.get("mean"), image_std=cfg.get("std"),
+        image_interpolation=cfg.get("interpolation"), image_resize_mode=cfg.get("resize_mode"))
+    return clip, preprocess
+
+
 def _parse_clip_name(name: str) -> tuple[str, str | None]:
     name = CLIP_ALIASES.get(name, name)
     if name.startswith(("local-dir:", "hf-hub:")):
@@ -231,12 +313,12 @@ def load_encoders(visual_model: str, text_model: str | None = None, dtype: str =
         tokenizer = open_clip.get_tokenizer("ViT-B-32")
         identity = f"tiny-clip:seed{BUILTIN_SEED}"
     else:
-        model_name, pretrained = _parse_clip_name(visual_model)
-        logger.info("Loading open_clip %s (pretrained=%s)", model_name, pretrained)
-        clip, _, preprocess = open_clip.create_model_and_transforms(
-            model_name, pretrained=pretrained if weights else None)
-        tokenizer = open_clip.get_tokenizer(model_name)
-        identity = f"open_clip:{model_name}:{pretrained}"
+        spec = resolve_open_clip(visual_model)
+        logger.info("Loading open_clip %s (pretrained=%s, quick_gelu=%s)", spec.model_name, spec.pretrained,
+                    spec.quick_gelu)
+        clip, preprocess = _create_open_clip(spec, weights)
+        tokenizer = open_clip.get_tokenizer(spec.model_name)
+        identity = spec.identity
     clip = clip.to(DTYPES[dtype])
     identity += f"|{_describe_preprocess(preprocess)}"
     return OpenCLIPEncoders(clip, preprocess, tokenizer, identity)

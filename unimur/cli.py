@@ -33,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--llm-dtype", choices=("fp32", "bf16", "fp16"), default=None,
                    help="storage dtype of the frozen LLM (default: bf16 with --precision bf16, else fp32)")
     g.add_argument("--n-visual-tokens", type=int, default=M.n_visual_tokens)
-    g.add_argument("--shared-emb-dim", type=int, default=M.shared_emb_dim)
+    g.add_argument("--shared-emb-dim", type=int, default=None,
+                   help=f"retrieval space of W_u/W_v/W_t (default {M.shared_emb_dim}; target_proj=linear only)")
     g.add_argument("--target-proj", choices=("none", "linear"), default=None,
                    help=f"default {M.target_proj} (linear for --method fromage)")
     g.add_argument("--visual-feature", choices=("pooled", "embed"), default=M.visual_feature)
@@ -75,33 +76,71 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("loss weights (L = l_cap CL + l_vm VM + l_tm TM + l_lm LMret)")
     g.add_argument("--l-cap", "--cap-loss-scale", dest="l_cap", type=float, default=None)
-    g.add_argument("--l-vm", "--ret-loss-scale", dest="l_vm", type=float, default=None)
+    g.add_argument("--l-vm", dest="l_vm", type=float, default=None)
+    g.add_argument("--ret-loss-scale", type=float, default=None,
+                   help="FROMAGe's retrieval weight: l_vm, and with --method fromage also l_lm "
+                        "(FROMAGe scales its [RET] LM loss and contrastive loss by it); --l-* flags win")
     g.add_argument("--l-tm", dest="l_tm", type=float, default=None)
     g.add_argument("--l-lm", dest="l_lm", type=float, default=None)
+    g.add_argument("--gather-grad", choices=("exact", "fromage"), default=None,
+                   help="contrastive gradient across ranks: exact global gradient (default) or "
+                        "FROMAGe's 1/world-size weighting (default with --method fromage)")
     return p
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
-    """The config tree a parsed command line describes (method presets, then explicit flags)."""
+    """The config tree a parsed command line describes (method presets, then explicit flags).
+
+    A flag that cannot change anything in the configuration it is given with is refused
+    (`UsageError`), never accepted and ignored.
+    """
     a = vars(args)
+    target_proj = args.target_proj or ("linear" if args.method == "fromage" else M.target_proj)
+    check_flags_take_effect(args, target_proj)
     model = ModelConfig(
         llm=args.llm, visual_model=args.visual_model, text_model=args.text_model,
         llm_dtype=args.llm_dtype or ("bf16" if args.precision == "bf16" else "fp32"),
         n_visual_tokens=args.n_visual_tokens, visual_feature=args.visual_feature,
-        target_proj=args.target_proj or ("linear" if args.method == "fromage" else M.target_proj),
-        shared_emb_dim=args.shared_emb_dim, ret_renorm=args.ret_renorm,
+        target_proj=target_proj, shared_emb_dim=args.shared_emb_dim or M.shared_emb_dim,
+        ret_renorm=args.ret_renorm,
     )
     loss = LossConfig()
     if args.method == "fromage":
         model, loss = fromage_preset(model, loss)
-        model = dataclasses.replace(model, shared_emb_dim=args.shared_emb_dim)
-    loss = dataclasses.replace(loss, **{k: a[k] for k in ("l_cap", "l_vm", "l_tm", "l_lm") if a[k] is not None})
+        model = dataclasses.replace(model, shared_emb_dim=args.shared_emb_dim or model.shared_emb_dim)
+    if args.ret_loss_scale is not None:
+        scaled = ("l_vm", "l_lm") if args.method == "fromage" else ("l_vm",)
+        loss = dataclasses.replace(loss, **{k: args.ret_loss_scale for k in scaled})
+    loss = dataclasses.replace(loss, **{k: a[k] for k in ("l_cap", "l_vm", "l_tm", "l_lm", "gather_grad")
+                                        if a[k] is not None})
     data = DataConfig(**{f.name: a[f.name] for f in dataclasses.fields(DataConfig)})
     train_fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"betas", "loss"}
     train = TrainConfig(**{k: a[k] for k in train_fields}, betas=(args.beta1, args.beta2), loss=loss)
     return Config(model=model, data=data, train=train)
 
 
+class UsageError(ValueError):
+    """A command line that is well-formed but asks for something that cannot take effect."""
+
+
+def check_flags_take_effect(args: argparse.Namespace, target_proj: str) -> None:
+    if args.shared_emb_dim is not None and target_proj == "none":
+        raise UsageError(f"--shared-emb-dim {args.shared_emb_dim} has no effect with --target-proj none "
+                         "(u is aligned to CLIP's own joint space); add --target-proj linear or drop it")
+    if args.method == "fromage" and args.l_tm:
+        raise UsageError(f"--l-tm {args.l_tm} has no effect with --method fromage (FROMAGe has no text "
+                         "retrieval space, so no TM term)")
+    if args.cache_dir is not None and not args.feature_cache:
+        raise UsageError("--cache-dir has no effect with --no-feature-cache (nothing is cached)")
+    if args.nprocs is not None and not args.multiprocessing_distributed:
+        raise UsageError("--nprocs has no effect without --multiprocessing-distributed "
+                         "(use torchrun's --nproc-per-node for env:// launches)")
+
+
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Config]:
-    args = build_parser().parse_args(argv)
-    return args, config_from_args(args)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args, config_from_args(args)
+    except ValueError as e:  # UsageError, or a value the config refuses
+        parser.error(str(e))  # one line after the usage, exit status 2

@@ -64,6 +64,12 @@ class LossConfig:
     l_vm: float = 1.0
     l_tm: float = 1.0
     l_lm: float = 0.0
+    gather_grad: str = "exact"
+    """Contrastive gradient across ranks: `exact` (the global loss's gradient, identical for 1
+    and W processes) or `fromage` (FROMAGe's gather: 1/W of it; on with method=fromage)."""
+
+    def __post_init__(self):
+        _check_choice("gather_grad", self.gather_grad, ("exact", "fromage"))
 
 
 @dataclass
@@ -89,6 +95,7 @@ class TrainConfig:
     epochs: int = 10
     steps_per_epoch: int = 2000
     val_steps_per_epoch: int = 250
+    """Validation batches per evaluation; -1: the whole validation set (FROMAGe's default)."""
     batch_size: int = 180
     """Global batch (split over ranks)."""
     val_batch_size: int = 80
@@ -110,6 +117,9 @@ class TrainConfig:
 
     def __post_init__(self):
         _check_choice("precision", self.precision, ("fp32", "fp16", "bf16"))
+        if self.val_steps_per_epoch == 0 or self.val_steps_per_epoch < -1:
+            raise ValueError(f"val_steps_per_epoch={self.val_steps_per_epoch}: use N >= 1 batches, "
+                             "or -1 for the whole validation set")
         self.betas = tuple(self.betas)
 
 
@@ -142,9 +152,10 @@ class Config:
 
 
 def fromage_preset(model: ModelConfig, loss: LossConfig) -> tuple[ModelConfig, LossConfig]:
-    """FROMAGe's objective in this code: u aligned to W_v(CLIP-V) in 256-d, + CL + LMret, no TM."""
+    """FROMAGe's objective in this code: u aligned to W_v(CLIP-V) in 256-d, + CL + LMret, no TM,
+    with FROMAGe's cross-rank contrastive gradient."""
     model = dataclasses.replace(model, method="fromage", target_proj="linear", shared_emb_dim=256)
-    loss = dataclasses.replace(loss, l_tm=0.0, l_lm=1.0)
+    loss = dataclasses.replace(loss, l_tm=0.0, l_lm=1.0, gather_grad="fromage")
     return model, loss
 
 

@@ -54,42 +54,55 @@ def _gather_sizes(n: int, device: torch.device) -> list[int]:
 
 
 class _GatherWithGrad(torch.autograd.Function):
-    """all_gather along dim 0 whose backward returns this rank's slice of the summed grads.
+    """all_gather along dim 0 whose backward returns this rank's slice of the gradient.
 
     Every rank computes the *same* global contrastive loss L from the gathered features.
-    d L / d(local shard) then receives contributions from every rank's copy of L, so the
-    backward sums the incoming gradients over ranks (all_reduce) before slicing out the
-    local rows. DDP later averages parameter grads over ranks, which turns the W-fold sum
-    back into exactly dL/dtheta of the single-process loss on the concatenated batch.
+
+    sum_grads=True (exact): d L / d(local shard) receives contributions from every rank's copy
+    of L, so the backward sums the incoming gradients over ranks (all_reduce) before slicing
+    out the local rows. DDP later averages parameter grads over ranks, which turns the W-fold
+    sum back into exactly dL/dtheta of the single-process loss on the concatenated batch.
+
+    sum_grads=False (FROMAGe's gather: all_gather without grad, local shard put back): only
+    this rank's copy of L reaches its shard, so after DDP's averaging the contrastive gradient
+    is dL/dtheta / W. Kept to reproduce FROMAGe's multi-GPU runs.
+
     Local batch sizes may differ between ranks (skipped bad rows): shards are padded to the
     largest size for the collective and trimmed again.
     """
 
     @staticmethod
-    def forward(ctx, local: torch.Tensor) -> torch.Tensor:  # local: (n_r, D)
+    def forward(ctx, local: torch.Tensor, sum_grads: bool) -> torch.Tensor:  # local: (n_r, D)
         sizes = _gather_sizes(local.shape[0], local.device)
         max_n = max(sizes)
         padded = local.new_zeros((max_n, *local.shape[1:]))
         padded[: local.shape[0]] = local
         shards = [torch.empty_like(padded) for _ in sizes]
         dist.all_gather(shards, padded.contiguous())
-        ctx.sizes = sizes
-        ctx.rank = get_rank()
+        ctx.sizes, ctx.rank, ctx.sum_grads = sizes, get_rank(), sum_grads
         return torch.cat([s[:n] for s, n in zip(shards, sizes)], dim=0)  # (sum n_r, D)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+    def backward(ctx, grad: torch.Tensor):
+        if ctx.sum_grads:
+            grad = grad.contiguous().clone()
+            dist.all_reduce(grad, op=dist.ReduceOp.SUM)
         start = sum(ctx.sizes[: ctx.rank])
-        return grad[start : start + ctx.sizes[ctx.rank]]
+        return grad[start : start + ctx.sizes[ctx.rank]], None
 
 
-def gather_features(local: torch.Tensor) -> torch.Tensor:
+GATHER_GRADS = ("exact", "fromage")
+
+
+def gather_features(local: torch.Tensor, grad: str = "exact") -> torch.Tensor:
     """Concatenate `local` (n_r, D) from all ranks in rank order, keeping the local gradient.
 
+    grad="exact": the gradient of the global loss (1 process == W processes);
+    grad="fromage": FROMAGe's 1/W-weighted contrastive gradient (see `_GatherWithGrad`).
     Single process: returns `local` unchanged.
     """
+    if grad not in GATHER_GRADS:
+        raise ValueError(f"grad={grad!r}: expected one of {GATHER_GRADS}")
     if get_world_size() == 1:
         return local
-    return _GatherWithGrad.apply(local)
+    return _GatherWithGrad.apply(local, grad == "exact")

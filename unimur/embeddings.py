@@ -115,7 +115,13 @@ def _load_fromage_pickle(path: Path, allow_pickle: bool) -> ImageEmbeddings:
     if not isinstance(payload, dict) or not {"paths", "embeddings"} <= set(payload):
         raise ValueError(f"{path}: expected a dict with 'paths' and 'embeddings'")
     embeds = torch.as_tensor(np.asarray(payload["embeddings"], dtype=np.float32))
-    return ImageEmbeddings([str(p) for p in payload["paths"]], embeds, meta={"source": "fromage-pickle"})
+    if embeds.ndim != 2 or embeds.shape[0] != len(payload["paths"]):
+        raise ValueError(f"{path}: 'embeddings' has shape {tuple(embeds.shape)} for {len(payload['paths'])} paths")
+    # FROMAGe stores W_v outputs unnormalised (norms vary ~0.9-15) and L2-normalises them on
+    # load; scoring them raw would rank by dot product, not cosine.
+    embeds = torch.nn.functional.normalize(embeds, dim=-1)
+    return ImageEmbeddings([str(p) for p in payload["paths"]], embeds,
+                           meta={"source": "fromage-pickle", "normalised_on_load": True})
 
 
 def _atomic(path: Path, write) -> None:

@@ -3,7 +3,8 @@
   L = l_cap * CL + l_vm * VM + l_tm * TM + l_lm * LMret
 
 Contrastive terms use the global batch: features are gathered across ranks
-(`distributed.gather_features`, local shard keeps its gradient). Token losses are
+(`distributed.gather_features`, local shard keeps its gradient; `gather_grad` picks the
+exact global gradient or FROMAGe's 1/W weighting). Token losses are
 normalised by the global token count, so N ranks give the same loss and gradient as one
 process on the concatenated batch.
 """
@@ -43,15 +44,15 @@ class UniMuRLoss(torch.nn.Module):
     def forward(self, out: UniMuROutput) -> dict[str, torch.Tensor]:
         """Named terms plus `loss` (the weighted total). Values are this rank's share."""
         w = self.weights
-        u = gather_features(out.u)
-        v = gather_features(out.v)
+        u = gather_features(out.u, w.gather_grad)
+        v = gather_features(out.v, w.gather_grad)
         terms = {"vm": symmetric_infonce(u, v, out.logit_scale)}
         total = w.l_vm * terms["vm"]
         if w.l_cap:
             terms["cap"] = global_token_mean(out.caption_nll, out.caption_tokens)
             total = total + w.l_cap * terms["cap"]
         if out.t is not None and w.l_tm:
-            terms["tm"] = symmetric_infonce(u, gather_features(out.t), out.logit_scale)
+            terms["tm"] = symmetric_infonce(u, gather_features(out.t, w.gather_grad), out.logit_scale)
             total = total + w.l_tm * terms["tm"]
         if out.lm_nll is not None and w.l_lm:
             terms["lm"] = global_token_mean(out.lm_nll, out.lm_tokens)

@@ -16,6 +16,7 @@ from typing import Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
@@ -65,14 +66,55 @@ def _collate_images(samples):
     return [i for i, _ in kept], pixels, skipped
 
 
-class ModelEmbedder:
-    """`Embedder` backed by a UniMuR model (eval mode, no grad)."""
+IMAGE_RESIZE = ("crop", "squash")
 
-    def __init__(self, model: UniMuR, batch_size: int = 64, num_workers: int = 0, progress: bool = True):
+
+class SquashThen:
+    """Resize the whole image to the encoder's square input (aspect ratio not kept), then the
+    encoder's own preprocessing (whose resize and centre crop are then no-ops): FROMAGe's
+    evaluation-time image handling, for reproducing its reported numbers."""
+
+    def __init__(self, preprocess):
+        self.preprocess, self.size = preprocess, _square_input_size(preprocess)
+
+    def __call__(self, img):
+        return self.preprocess(img.resize((self.size, self.size), Image.BICUBIC))
+
+
+def _square_input_size(preprocess) -> int:
+    """The centre-crop size of a torchvision-style pipeline (nested Compose allowed)."""
+    for t in getattr(preprocess, "transforms", []):
+        if type(t).__name__ == "CenterCrop":
+            h, w = (t.size, t.size) if isinstance(t.size, int) else tuple(t.size)
+            if h == w:
+                return int(h)
+        elif hasattr(t, "transforms"):
+            try:
+                return _square_input_size(t)
+            except ValueError:
+                continue
+    raise ValueError(f"--image-resize squash: no square centre crop found in the encoder's "
+                     f"preprocessing {preprocess!r}")
+
+
+class ModelEmbedder:
+    """`Embedder` backed by a UniMuR model (eval mode, no grad).
+
+    image_resize: ``crop`` (the encoder's own preprocessing: resize the short side, centre
+    crop) or ``squash`` (see `SquashThen`).
+    """
+
+    def __init__(self, model: UniMuR, batch_size: int = 64, num_workers: int = 0, progress: bool = True,
+                 image_resize: str = "crop"):
+        if image_resize not in IMAGE_RESIZE:
+            raise ValueError(f"image_resize={image_resize!r}: expected one of {IMAGE_RESIZE}")
         self.model = model.eval()
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.progress = progress
+        self.image_resize = image_resize
+        preprocess = model.encoders.preprocess
+        self.image_preprocess = SquashThen(preprocess) if image_resize == "squash" else preprocess
 
     @torch.no_grad()
     def embed_queries(self, contexts: Sequence[Sequence[Piece]]) -> torch.Tensor:
@@ -114,7 +156,7 @@ class ModelEmbedder:
     def embed_images(self, paths, ids=None) -> tuple[ImageEmbeddings, Counter]:
         paths = [Path(p) for p in paths]
         ids = [str(i) for i in ids] if ids is not None else [str(p) for p in paths]
-        loader = DataLoader(_ImageFiles(paths, self.model.encoders.preprocess), batch_size=self.batch_size,
+        loader = DataLoader(_ImageFiles(paths, self.image_preprocess), batch_size=self.batch_size,
                             num_workers=self.num_workers, collate_fn=_collate_images)
         rows, embeds, caps, clips, skipped = [], [], [], [], {}
         for idx, pixels, skips in self._bar(loader, "images"):

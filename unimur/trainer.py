@@ -132,10 +132,16 @@ class Trainer:
                 batch_size=self.cfg.train.val_batch_size, num_workers=d.workers, device=self.device)
         return build_cc3m_datasets(d.dataset_dir, d.image_dir, self.model.encoders.preprocess, split=split)
 
+    def _sampler(self, dataset, global_batch: int, start: int, num: int | None, shuffle: bool,
+                 drop_last: bool = True) -> GlobalBatchSampler:
+        return GlobalBatchSampler(len(dataset), global_batch, rank=self.rank, world_size=self.world,
+                                  seed=self.cfg.train.seed, start_batch=start, num_batches=num,
+                                  shuffle=shuffle, drop_last=drop_last)
+
     def _loader(self, dataset, global_batch: int, start: int, num: int, shuffle: bool) -> DataLoader:
-        sampler = GlobalBatchSampler(len(dataset), global_batch, rank=self.rank, world_size=self.world,
-                                     seed=self.cfg.train.seed, start_batch=start, num_batches=num,
-                                     shuffle=shuffle)
+        return self._loader_of(dataset, self._sampler(dataset, global_batch, start, num, shuffle))
+
+    def _loader_of(self, dataset, sampler: GlobalBatchSampler) -> DataLoader:
         return DataLoader(dataset, batch_sampler=sampler, collate_fn=self.collate,
                           num_workers=self.cfg.data.workers, pin_memory=self.device.type == "cuda")
 
@@ -281,16 +287,13 @@ class Trainer:
     def validate(self) -> dict[str, float]:
         t = self.cfg.train
         self.model.eval()
-        n_batches = min(t.val_steps_per_epoch, len(self.val_data) // t.val_batch_size)
-        if n_batches == 0:
-            raise ValueError(f"validation set ({len(self.val_data)} rows) is smaller than one "
-                             f"validation batch ({t.val_batch_size})")
-        loader = self._loader(self.val_data, t.val_batch_size, 0, n_batches, shuffle=False)
+        loader, n_batches = self._val_loader()
         sums: dict[str, float] = {}
         us, vs, ts = [], [], []
         for batch in tqdm(loader, desc="validate", disable=not dist_utils.is_main_process(),
                           dynamic_ncols=True, file=sys.stderr):
-            if is_empty_batch(batch):
+            # all ranks skip together, or the gathers in the loss would hang
+            if int(dist_utils.all_reduce_sum(torch.tensor(int(is_empty_batch(batch)), device=self.device))):
                 continue
             out, terms = self._forward(self.model, batch)
             for k, v in terms.items():
@@ -308,11 +311,30 @@ class Trainer:
             metrics.update(_retrieval_metrics("u2text", u, tt))
             metrics.update(_retrieval_metrics("text2u", tt, u))
         metrics["score"] = validation_score(metrics)
+        metrics["pairs"] = int(u.shape[0])
         self.metrics.log("val", metrics, self.state.step)
         logger.info("validation at step %d (%d pairs): %s", self.state.step, u.shape[0],
                     ", ".join(f"{k}={v:.3f}" for k, v in metrics.items() if "R@1" in k or k in ("score", "loss/loss")))
         self.model.train()
         return metrics
+
+    def _val_loader(self) -> tuple[DataLoader, int]:
+        """The first `val_steps_per_epoch` validation batches, or the whole set for -1
+        (FROMAGe's default: the last, smaller batch included)."""
+        t = self.cfg.train
+        n_rows = len(self.val_data)
+        if n_rows < (t.val_batch_size if t.val_steps_per_epoch > 0 else self.world):
+            raise ValueError(f"validation set ({n_rows} rows) is smaller than one "
+                             f"validation batch ({t.val_batch_size})")
+        if t.val_steps_per_epoch > 0:
+            n_batches = min(t.val_steps_per_epoch, n_rows // t.val_batch_size)
+            return self._loader(self.val_data, t.val_batch_size, 0, n_batches, shuffle=False), n_batches
+        sampler = self._sampler(self.val_data, t.val_batch_size, 0, None, shuffle=False, drop_last=False)
+        sampler.num_batches = sampler.batches_per_pass
+        if sampler.n_used < n_rows:
+            logger.warning("validation: %d of %d rows left out (fewer remainder rows than ranks)",
+                           n_rows - sampler.n_used, n_rows)
+        return self._loader_of(self.val_data, sampler), sampler.num_batches
 
     # ------------------------------------------------------------ checkpoints
 
