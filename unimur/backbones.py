@@ -327,3 +327,19 @@ def load_encoders(visual_model: str, text_model: str | None = None, dtype: str =
 def _describe_preprocess(preprocess) -> str:
     """A stable text for the preprocessing pipeline (part of the feature-cache key)."""
     return repr(preprocess).replace("\n", " ")
+
+
+def square_input_size(preprocess) -> int:
+    """The square input size of an encoder: the centre crop of its torchvision-style
+    preprocessing (nested Compose allowed)."""
+    for t in getattr(preprocess, "transforms", []):
+        if type(t).__name__ == "CenterCrop":
+            h, w = (t.size, t.size) if isinstance(t.size, int) else tuple(t.size)
+            if h == w:
+                return int(h)
+        elif hasattr(t, "transforms"):
+            try:
+                return square_input_size(t)
+            except ValueError:
+                continue
+    raise ValueError(f"no square centre crop in the encoder's preprocessing {preprocess!r}")

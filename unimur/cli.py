@@ -23,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--nprocs", type=int, default=None,
                    help="processes per node with --multiprocessing-distributed (default: GPU count, 1 on CPU)")
     g.add_argument("--device", default=None, help="force a device (cpu, cuda); default: cuda if available")
+    g.add_argument("--gpu", type=int, default=None, help="one process on this GPU id (FROMAGe)")
 
     g = p.add_argument_group("model")
     g.add_argument("--method", choices=("unimur", "fromage"), default=M.method,
@@ -39,13 +40,28 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"default {M.target_proj} (linear for --method fromage)")
     g.add_argument("--visual-feature", choices=("pooled", "embed"), default=M.visual_feature)
     g.add_argument("--no-ret-renorm", dest="ret_renorm", action="store_false")
+    g.add_argument("--text-emb-layers", type=_int_list, default=None,
+                   help="comma-separated LLM layers read at [RET], one W_u each, summed (FROMAGe; default -1)")
+    g.add_argument("--image_embed_dropout_prob", "--image-embed-dropout-prob", dest="image_embed_dropout_prob",
+                   type=float, default=M.image_embed_dropout_prob, help="dropout on W_cap/W_v outputs (FROMAGe)")
+    g.add_argument("--text_embed_dropout_prob", "--text-embed-dropout-prob", dest="text_embed_dropout_prob",
+                   type=float, default=M.text_embed_dropout_prob, help="dropout on W_u outputs (FROMAGe)")
+    g.add_argument("--use_image_embed_norm", action="store_true", help="refused: see the message")
+    g.add_argument("--use_text_embed_layernorm", action="store_true", help="refused: see the message")
 
     g = p.add_argument_group("data")
-    g.add_argument("--dataset", choices=("cc3m",), default=D.dataset)
+    g.add_argument("-d", "--dataset", choices=("cc3m",), default=D.dataset)
     g.add_argument("--val-dataset", choices=("cc3m",), default=D.val_dataset)
     g.add_argument("--dataset_dir", "--dataset-dir", dest="dataset_dir", default=D.dataset_dir)
     g.add_argument("--image-dir", default=D.image_dir)
     g.add_argument("--max-len", type=int, default=D.max_len)
+    g.add_argument("--image-size", type=int, default=None,
+                   help="checked against the frozen encoder's input size (FROMAGe's flag; the encoder decides)")
+    g.add_argument("--concat-captions-prob", type=float, default=None,
+                   help=f"per step, chance that the captioning pass packs pairs of examples into one "
+                        f"sequence (default {T.concat_captions_prob}, FROMAGe's)")
+    g.add_argument("--concat-for-ret", action="store_true", help="refused: see the message")
+    g.add_argument("--input-prompt", default=None, help="refused: see the message")
     g.add_argument("-j", "--workers", type=int, default=D.workers)
     g.add_argument("--no-feature-cache", dest="feature_cache", action="store_false",
                    help="recompute frozen CLIP features every step (FROMAGe's way)")
@@ -70,7 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--grad-accumulation-steps", type=int, default=T.grad_accumulation_steps)
     g.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default=T.precision)
     g.add_argument("--seed", type=int, default=T.seed)
-    g.add_argument("--print-freq", type=int, default=T.print_freq)
+    g.add_argument("-p", "--print-freq", type=int, default=T.print_freq)
+    g.add_argument("--start-epoch", type=int, default=T.start_epoch,
+                   help="start a new run at this epoch (a resumed run continues from its checkpoint)")
+    g.add_argument("-e", "--evaluate", action="store_true",
+                   help="validate the checkpoint given by --resume, write the metrics, exit")
     g.add_argument("--save-every-steps", type=int, default=T.save_every_steps)
     g.add_argument("--resume", default=None, help="checkpoint path, or 'latest' for <run>/ckpt.pth.tar")
 
@@ -102,7 +122,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
         llm_dtype=args.llm_dtype or ("bf16" if args.precision == "bf16" else "fp32"),
         n_visual_tokens=args.n_visual_tokens, visual_feature=args.visual_feature,
         target_proj=target_proj, shared_emb_dim=args.shared_emb_dim or M.shared_emb_dim,
-        ret_renorm=args.ret_renorm,
+        ret_renorm=args.ret_renorm, text_emb_layers=tuple(args.text_emb_layers or M.text_emb_layers),
+        image_embed_dropout_prob=args.image_embed_dropout_prob, text_embed_dropout_prob=args.text_embed_dropout_prob,
     )
     loss = LossConfig()
     if args.method == "fromage":
@@ -114,8 +135,10 @@ def config_from_args(args: argparse.Namespace) -> Config:
     loss = dataclasses.replace(loss, **{k: a[k] for k in ("l_cap", "l_vm", "l_tm", "l_lm", "gather_grad")
                                         if a[k] is not None})
     data = DataConfig(**{f.name: a[f.name] for f in dataclasses.fields(DataConfig)})
-    train_fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"betas", "loss"}
-    train = TrainConfig(**{k: a[k] for k in train_fields}, betas=(args.beta1, args.beta2), loss=loss)
+    train_fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"betas", "loss", "concat_captions_prob"}
+    concat = T.concat_captions_prob if args.concat_captions_prob is None else args.concat_captions_prob
+    train = TrainConfig(**{k: a[k] for k in train_fields}, betas=(args.beta1, args.beta2), loss=loss,
+                        concat_captions_prob=concat)
     return Config(model=model, data=data, train=train)
 
 
@@ -123,7 +146,48 @@ class UsageError(ValueError):
     """A command line that is well-formed but asks for something that cannot take effect."""
 
 
+# FROMAGe flags that FROMAGe itself accepts but that change nothing there (or crash): refused
+# with the reason, so a FROMAGe command line never silently means something else here.
+REFUSED_FROMAGE_FLAGS = {
+    "use_image_embed_norm": "--use_image_embed_norm: FROMAGe's main.py accepts it but its model never "
+                            "reads it (no norm is applied), so it has nothing to reproduce",
+    "use_text_embed_layernorm": "--use_text_embed_layernorm: FROMAGe's main.py accepts it but its model "
+                                "never reads it (no layer norm is applied), so it has nothing to reproduce",
+    "input_prompt": "--input-prompt: FROMAGe parses it but its training loop never passes it to the "
+                    "model, so FROMAGe's runs trained without a prompt",
+    "concat_for_ret": "--concat-for-ret: FROMAGe's model raises NotImplementedError for a concatenated "
+                      "retrieval batch, so no FROMAGe run trained that way; --concat-captions-prob "
+                      "packs the captioning pass",
+}
+
+
+def _int_list(s: str) -> list[int]:
+    try:
+        return [int(x) for x in s.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
+
+
 def check_flags_take_effect(args: argparse.Namespace, target_proj: str) -> None:
+    for name, reason in REFUSED_FROMAGE_FLAGS.items():
+        if getattr(args, name):
+            raise UsageError(reason)
+    if args.concat_captions_prob is not None and args.l_cap == 0:
+        raise UsageError("--concat-captions-prob has no effect with --l-cap 0 (no captioning pass)")
+    if args.evaluate and not args.resume:
+        raise UsageError("-e/--evaluate validates a checkpoint: give it with --resume PATH (or latest)")
+    if args.start_epoch and args.resume:
+        raise UsageError("--start-epoch has no effect with --resume (the checkpoint holds the step)")
+    if args.gpu is not None:
+        if args.multiprocessing_distributed:
+            raise UsageError("--gpu has no effect with --multiprocessing-distributed (one process per GPU)")
+        if args.device is not None:
+            raise UsageError("give --gpu N or --device, not both")
+        import torch
+
+        if args.gpu >= torch.cuda.device_count():
+            raise UsageError(f"--gpu {args.gpu}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        args.device = f"cuda:{args.gpu}"
     if args.shared_emb_dim is not None and target_proj == "none":
         raise UsageError(f"--shared-emb-dim {args.shared_emb_dim} has no effect with --target-proj none "
                          "(u is aligned to CLIP's own joint space); add --target-proj linear or drop it")

@@ -41,6 +41,13 @@ class ModelConfig:
     """Retrieval space size when target_proj=linear."""
     ret_renorm: bool = True
     """Rescale the [RET] embedding to the mean input-embedding norm after each step (FROMAGe)."""
+    text_emb_layers: tuple[int, ...] = (-1,)
+    """LLM layers whose [RET] hidden state feeds u: one W_u per layer, outputs summed (FROMAGe's
+    --text-emb-layers; -1 = last layer, i = hidden_states[i] of the LLM)."""
+    image_embed_dropout_prob: float = 0.0
+    """Dropout on W_cap's and W_v's outputs while training (FROMAGe)."""
+    text_embed_dropout_prob: float = 0.0
+    """Dropout on each W_u output while training (FROMAGe)."""
     logit_scale_init: float = math.log(1 / 0.07)
     logit_scale_max: float = math.log(100.0)
 
@@ -54,6 +61,12 @@ class ModelConfig:
             raise ValueError("method=fromage aligns to W_v(CLIP-V): it needs target_proj=linear")
         if self.n_visual_tokens < 1:
             raise ValueError("n_visual_tokens must be >= 1")
+        self.text_emb_layers = tuple(int(i) for i in self.text_emb_layers)
+        if not self.text_emb_layers or len(set(self.text_emb_layers)) != len(self.text_emb_layers):
+            raise ValueError(f"text_emb_layers={list(self.text_emb_layers)}: give distinct layer indices")
+        for name in ("image_embed_dropout_prob", "text_embed_dropout_prob"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name}={getattr(self, name)}: expected a probability in [0, 1)")
 
 
 @dataclass
@@ -81,6 +94,9 @@ class DataConfig:
     image_dir: str = "data/"
     max_len: int = 24
     """Caption length in LLM tokens, [RET] included."""
+    image_size: int | None = None
+    """FROMAGe's --image-size: checked against the frozen encoder's input size (the encoder's
+    own preprocessing decides it); None: not checked."""
     workers: int = 4
     feature_cache: bool = True
     """Precompute frozen CLIP features once (CLIP never changes); False recomputes per step."""
@@ -113,10 +129,19 @@ class TrainConfig:
     print_freq: int = 100
     save_every_steps: int = 0
     """Also write the latest checkpoint every N optimizer steps (0: only at epoch ends)."""
+    concat_captions_prob: float = 0.5
+    """Per step, the probability that the captioning pass reads pairs of examples as one
+    sequence (FROMAGe's default; `unimur.packing`)."""
+    start_epoch: int = 0
+    """Start a new run at this epoch (schedule and data order positioned there; FROMAGe)."""
     loss: LossConfig = field(default_factory=LossConfig)
 
     def __post_init__(self):
         _check_choice("precision", self.precision, ("fp32", "fp16", "bf16"))
+        if not 0.0 <= self.concat_captions_prob <= 1.0:
+            raise ValueError(f"concat_captions_prob={self.concat_captions_prob}: expected a probability")
+        if not 0 <= self.start_epoch < max(1, self.epochs):
+            raise ValueError(f"start_epoch={self.start_epoch}: expected 0 <= start_epoch < epochs ({self.epochs})")
         if self.val_steps_per_epoch == 0 or self.val_steps_per_epoch < -1:
             raise ValueError(f"val_steps_per_epoch={self.val_steps_per_epoch}: use N >= 1 batches, "
                              "or -1 for the whole validation set")

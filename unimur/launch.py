@@ -52,7 +52,10 @@ def _device(args, local_rank: int) -> torch.device:
     if want == "cuda":
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
-    return torch.device(want)
+    device = torch.device(want)
+    if device.type == "cuda" and device.index is not None:  # --gpu N / --device cuda:N
+        torch.cuda.set_device(device.index)
+    return device
 
 
 def _backend(args, device: torch.device) -> str:
@@ -101,9 +104,25 @@ def _run(local_rank: int, rank: int, world: int, init_method: str | None, args, 
                     init_method, dist.get_backend())
     try:
         trainer = Trainer(cfg, run_dir, device, resume=args.resume)
+        if args.evaluate:
+            return evaluate_checkpoint(trainer, args.resume)
         if rank == 0:
             write_run_info(run_dir, cfg, argv, trainer.model)
         return trainer.fit()
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def evaluate_checkpoint(trainer, resume: str) -> dict[str, float]:
+    """FROMAGe's -e/--evaluate: validate the resumed checkpoint once and write the metrics to
+    <run>/eval_step<N>.json (and metrics.jsonl); the run's own files are left as they are."""
+    import json
+
+    metrics = trainer.validate()
+    if trainer.rank == 0:
+        out = trainer.run_dir / f"eval_step{trainer.state.step}.json"
+        out.write_text(json.dumps({"checkpoint": str(resume), "step": trainer.state.step, "metrics": metrics},
+                                  indent=2, sort_keys=True) + "\n")
+        logger.info("evaluated %s (step %d): wrote %s", resume, trainer.state.step, out)
+    return metrics

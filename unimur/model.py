@@ -24,6 +24,7 @@ from torch import nn
 
 from .backbones import FrozenEncoders, ImageFeatures, freeze, load_encoders, load_llm
 from .config import ModelConfig
+from .packing import concat_pairs
 from .tokenizer import build_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -77,7 +78,14 @@ class UniMuR(nn.Module):
         self.emb_dim = emb_dim
 
         self.cap_mapping = nn.Linear(feat_dim, k * in_dim)
-        self.unified_mapping = nn.Linear(out_dim, emb_dim)
+        # W_u per [RET] layer (FROMAGe's text_hidden_fcs): the last layer's state has lm_head's
+        # input size, the others the body's hidden size (they differ for e.g. OPT-350m)
+        self.text_emb_layers = _resolve_layers(config.text_emb_layers, llm)
+        dims = [out_dim if i == -1 else llm.config.hidden_size for i in self.text_emb_layers]
+        self.unified_mapping = nn.Linear(dims[0], emb_dim)
+        self.extra_unified_mappings = nn.ModuleList(nn.Linear(d, emb_dim) for d in dims[1:])
+        self.image_dropout = nn.Dropout(config.image_embed_dropout_prob)
+        self.text_dropout = nn.Dropout(config.text_embed_dropout_prob)
         with torch.no_grad():
             table = embed.weight.float()
             self.ret_embedding = nn.Parameter(table.mean(0).clone())
@@ -168,7 +176,7 @@ class UniMuR(nn.Module):
         """v = norm(CLIP-V(x)) or norm(W_v CLIP-V(x)): (N, E)."""
         if self.image_proj is None:
             return F.normalize(feats.embed.float(), dim=-1)
-        return F.normalize(self.image_proj(self.cap_input(feats)), dim=-1)
+        return F.normalize(self.image_dropout(self.image_proj(self.cap_input(feats))), dim=-1)
 
     def text_targets(self, text_feats: torch.Tensor) -> torch.Tensor:
         """t = norm(CLIP-T(caption)) or norm(W_t CLIP-T(caption)): (N, E)."""
@@ -193,8 +201,14 @@ class UniMuR(nn.Module):
         n = cap_features.shape[0]
         return self.cap_mapping(cap_features).view(n, self.config.n_visual_tokens, -1)
 
-    def run_llm(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Frozen LLM body on (B, T, H_in) embeddings -> (B, T, H) last-layer hidden states.
+    @property
+    def _all_layers(self) -> bool:
+        """Whether u reads layers other than the last (then every layer's states are kept)."""
+        return self.text_emb_layers != [-1]
+
+    def run_llm(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, all_layers: bool = False):
+        """Frozen LLM body on (B, T, H_in) embeddings -> (B, T, H) last-layer hidden states,
+        and with ``all_layers`` also the tuple of every layer's states (hidden_states[i]).
 
         Positions count only attended tokens, so left- and right-padded batches see the
         same positions for the same tokens (Llama-style models default to arange).
@@ -205,8 +219,9 @@ class UniMuR(nn.Module):
             attention_mask=attention_mask,
             position_ids=position_ids,
             use_cache=False,
+            output_hidden_states=all_layers,
         )
-        return out.last_hidden_state
+        return (out.last_hidden_state, out.hidden_states) if all_layers else out.last_hidden_state
 
     def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(..., H) -> (..., V) logits; the [RET] logit is tied to the [RET] parameter."""
@@ -218,11 +233,19 @@ class UniMuR(nn.Module):
         logits[..., self.ret_id] = ret_logit
         return logits
 
-    def unified_from_hidden(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Read the last attended position (where [RET] sits) -> u = norm(W_u h): (B, E)."""
+    def unified_from_hidden(self, hidden: torch.Tensor, attention_mask: torch.Tensor,
+                            layers: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+        """Read the last attended position (where [RET] sits) -> u = norm(sum_l W_u^l h_l): (B, E).
+
+        hidden: (B, T, H) last-layer states; layers: every layer's states (needed only when
+        text_emb_layers names layers other than the last).
+        """
         last = last_position(attention_mask)
-        h = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-        return F.normalize(self.unified_mapping(h.to(self.unified_mapping.weight.dtype)), dim=-1)
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        states = [(hidden if i == -1 else layers[i])[rows, last] for i in self.text_emb_layers]
+        mappings = [self.unified_mapping, *self.extra_unified_mappings]
+        z = sum(self.text_dropout(w(h.to(w.weight.dtype))) for w, h in zip(mappings, states))
+        return F.normalize(z, dim=-1)
 
     def unified_from_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                             return_hidden: bool = False):
@@ -234,12 +257,15 @@ class UniMuR(nn.Module):
         last = last_position(attention_mask)
         if not bool((input_ids.gather(1, last[:, None]) == self.ret_id).all()):
             raise ValueError("every sequence must end with [RET] at its last attended position")
+        layers = None
         if torch.is_grad_enabled() and self.ret_embedding.requires_grad:
             input_ids, attention_mask = left_align(input_ids, attention_mask)
-            hidden = self._run_llm_ret_last(input_ids, attention_mask)
+            hidden, layers = self._run_llm_ret_last(input_ids, attention_mask)
+        elif self._all_layers:
+            hidden, layers = self.run_llm(self.embed_tokens(input_ids), attention_mask, all_layers=True)
         else:
             hidden = self.run_llm(self.embed_tokens(input_ids), attention_mask)
-        u = self.unified_from_hidden(hidden, attention_mask)
+        u = self.unified_from_hidden(hidden, attention_mask, layers)
         return (u, hidden, input_ids, attention_mask) if return_hidden else u
 
     def _run_llm_ret_last(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -252,36 +278,45 @@ class UniMuR(nn.Module):
         frozen LLM covers one position instead of the whole caption.
         """
         prefix_ids = input_ids[:, :-1]
-        if prefix_ids.shape[1] == 0 or bool((prefix_ids == self.ret_id).any()):
-            return self.run_llm(self.embed_tokens(input_ids), attention_mask)  # nothing to split
+        every = self._all_layers
+        if prefix_ids.shape[1] == 0 or bool((prefix_ids == self.ret_id).any()):  # nothing to split
+            out = self.run_llm(self.embed_tokens(input_ids), attention_mask, all_layers=every)
+            return out if every else (out, None)
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         body = self.llm.base_model
         with torch.no_grad():
             prefix = body(inputs_embeds=self.embed_tokens(prefix_ids).to(self._llm_dtype),
                           attention_mask=attention_mask[:, :-1], position_ids=position_ids[:, :-1],
-                          use_cache=True)
+                          use_cache=True, output_hidden_states=every)
         ret_in = self.ret_embedding.to(self._llm_dtype).expand(input_ids.shape[0], 1, -1)
         ret = body(inputs_embeds=ret_in, attention_mask=attention_mask,
-                   position_ids=position_ids[:, -1:], use_cache=True,
+                   position_ids=position_ids[:, -1:], use_cache=True, output_hidden_states=every,
                    **{_cache_kwarg(body): _output_cache(prefix)})
-        return torch.cat([prefix.last_hidden_state, ret.last_hidden_state], dim=1)
+        hidden = torch.cat([prefix.last_hidden_state, ret.last_hidden_state], dim=1)
+        layers = ([torch.cat(pair, dim=1) for pair in zip(prefix.hidden_states, ret.hidden_states)]
+                  if every else None)
+        return hidden, layers
 
     def caption_nll(self, cap_features: torch.Tensor, caption_ids: torch.Tensor,
-                    caption_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                    caption_mask: torch.Tensor, concat_captions: bool = False
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
         """CL: image prefix (k mapped tokens) then the caption; NLL of caption tokens only.
 
-        Visual positions, padding and a leading BOS are not targets. Returns the summed NLL
-        and the token count so the loss can be normalised over the global batch.
+        Visual positions, padding and a leading BOS are not targets. With ``concat_captions``
+        rows (0, 1), (2, 3), ... run as one sequence each (`unimur.packing`). Returns the
+        summed NLL and the token count so the loss can be normalised over the global batch.
         """
-        k = self.config.n_visual_tokens
-        visual = self.map_images(cap_features)                     # (N, k, H_in)
+        n, k = caption_ids.shape[0], self.config.n_visual_tokens
+        visual = self.image_dropout(self.map_images(cap_features))  # (N, k, H_in)
         text = self.embed_tokens(caption_ids)                      # (N, L, H_in)
         inputs = torch.cat([visual.to(text.dtype), text], dim=1)
-        mask = torch.cat([caption_mask.new_ones(caption_mask.shape[0], k), caption_mask], dim=1)
-        hidden = self.run_llm(inputs, mask)                        # (N, k+L, H)
-        labels = self._labels(caption_ids, caption_mask)
-        # position k-1+j predicts caption token j
-        return self._token_nll(hidden[:, k - 1 : -1], labels)
+        mask = torch.cat([caption_mask.new_ones(n, k), caption_mask], dim=1)
+        # each position's own token as its label (-100: not a target); position p predicts p+1
+        labels = torch.cat([caption_ids.new_full((n, k), -100), self._labels(caption_ids, caption_mask)], dim=1)
+        if concat_captions:
+            mask, inputs, labels = concat_pairs(mask, inputs, labels, pad=(0.0, -100))
+        hidden = self.run_llm(inputs, mask)                        # (N or N/2, T, H)
+        return self._token_nll(hidden[:, :-1], labels[:, 1:])
 
     def _labels(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Targets: attended tokens except the leading BOS (left or right padding)."""
@@ -313,13 +348,16 @@ class UniMuR(nn.Module):
     def forward(self, image_features: ImageFeatures, text_features: torch.Tensor | None,
                 caption_ids: torch.Tensor, caption_mask: torch.Tensor,
                 ret_ids: torch.Tensor, ret_mask: torch.Tensor, with_lm: bool = False,
-                with_text: bool = True, with_caption: bool = True) -> UniMuROutput:
+                with_text: bool = True, with_caption: bool = True, concat_captions: bool = False
+                ) -> UniMuROutput:
         """One training batch: both LLM passes plus the alignment targets.
 
         with_caption=False skips the captioning pass (its loss weight is 0): half the LLM work.
+        concat_captions: the captioning pass reads pairs of examples as one sequence.
         """
         if with_caption:
-            caption_nll, caption_tokens = self.caption_nll(self.cap_input(image_features), caption_ids, caption_mask)
+            caption_nll, caption_tokens = self.caption_nll(self.cap_input(image_features), caption_ids,
+                                                           caption_mask, concat_captions)
         else:
             caption_nll = caption_tokens = torch.zeros((), device=ret_ids.device)
         u, hidden, ret_ids, ret_mask = self.unified_from_tokens(ret_ids, ret_mask, return_hidden=True)
@@ -356,8 +394,10 @@ class UniMuR(nn.Module):
         for i, s in enumerate(seqs):
             span = slice(width - len(s), width) if padding_side == "left" else slice(0, len(s))
             inputs[i, span], mask[i, span] = s, 1
-        hidden = self.run_llm(inputs, mask)
-        return self.unified_from_hidden(hidden, mask)
+        if self._all_layers:
+            hidden, layers = self.run_llm(inputs, mask, all_layers=True)
+            return self.unified_from_hidden(hidden, mask, layers)
+        return self.unified_from_hidden(self.run_llm(inputs, mask), mask)
 
     def _context_embeddings(self, context: Sequence[Piece], max_len: int | None) -> torch.Tensor:
         ids = torch.tensor(self._bos_ids, dtype=torch.long, device=self.device)
@@ -387,6 +427,19 @@ class UniMuR(nn.Module):
             else:
                 out.append(img.to(self.device, self.cap_mapping.weight.dtype))
         return torch.stack(out)
+
+
+def _resolve_layers(layers: Sequence[int], llm: nn.Module) -> list[int]:
+    """Layer indices into the LLM's hidden_states (n_layers + 1 of them: embeddings, then each
+    layer); the last layer, by any of its names, becomes -1 (lm_head's input)."""
+    n = int(getattr(llm.config, "num_hidden_layers", 0) or 0)
+    out = []
+    for i in layers:
+        if n and not -(n + 1) <= i <= n:
+            raise ValueError(f"text_emb_layers: layer {i} requested, but the LLM has {n} layers "
+                             f"(hidden states -{n + 1}..{n})")
+        out.append(-1 if i in (-1, n) else i)
+    return out
 
 
 def _cache_kwarg(body: nn.Module) -> str:

@@ -20,6 +20,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from .backbones import square_input_size
 from .data import UnusableImage, load_rgb_image
 from .embeddings import ImageEmbeddings
 from .model import Piece, UniMuR
@@ -75,26 +76,10 @@ class SquashThen:
     evaluation-time image handling, for reproducing its reported numbers."""
 
     def __init__(self, preprocess):
-        self.preprocess, self.size = preprocess, _square_input_size(preprocess)
+        self.preprocess, self.size = preprocess, square_input_size(preprocess)
 
     def __call__(self, img):
         return self.preprocess(img.resize((self.size, self.size), Image.BICUBIC))
-
-
-def _square_input_size(preprocess) -> int:
-    """The centre-crop size of a torchvision-style pipeline (nested Compose allowed)."""
-    for t in getattr(preprocess, "transforms", []):
-        if type(t).__name__ == "CenterCrop":
-            h, w = (t.size, t.size) if isinstance(t.size, int) else tuple(t.size)
-            if h == w:
-                return int(h)
-        elif hasattr(t, "transforms"):
-            try:
-                return _square_input_size(t)
-            except ValueError:
-                continue
-    raise ValueError(f"--image-resize squash: no square centre crop found in the encoder's "
-                     f"preprocessing {preprocess!r}")
 
 
 class ModelEmbedder:

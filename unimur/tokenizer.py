@@ -66,6 +66,10 @@ def build_tokenizer(llm: str):
     if RET_TOKEN not in tok.get_vocab():
         tok.add_tokens([RET_TOKEN], special_tokens=True)
     ret_id = tok.convert_tokens_to_ids(RET_TOKEN)
+    # Text is only ever text: "[RET]" (or "</s>") typed inside a caption, a dialogue turn or a
+    # query is split like any other string, so the trainable [RET] id comes only from code
+    # that appends `ret_id` (not saved by save_pretrained, hence set on every build).
+    tok.split_special_tokens = True
     return tok, ret_id
 
 

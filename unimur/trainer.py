@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from . import distributed as dist_utils
-from .backbones import ImageFeatures
+from .backbones import ImageFeatures, square_input_size
 from .checkpoint import (BEST, LATEST, atomic_torch_save, load_checkpoint, remove_stale_temp_files,
                          resolve_resume, rng_state, set_rng_state)
 from .config import Config
@@ -36,6 +36,7 @@ from .feature_cache import build_cached_cc3m_dataset
 from .loss import UniMuRLoss, needs_lm
 from .metric_log import MetricLogger
 from .model import UniMuR
+from .packing import CAPTIONING, concat_this_batch
 from .retrieval import ranks_of_positives, recall_metrics
 from .sampling import GlobalBatchSampler
 
@@ -82,6 +83,7 @@ class Trainer:
 
         torch.manual_seed(t.seed)
         self.model = UniMuR.build(cfg.model).to(device)
+        _check_image_size(cfg.data.image_size, self.model)
         self.model.train()
         self.ddp = self._wrap_ddp(self.model)
         params = [p for _, p in self.model.trainable_named_parameters()]
@@ -105,6 +107,16 @@ class Trainer:
         ckpt_path = resolve_resume(resume, self.run_dir)
         if ckpt_path is not None:
             self._load(ckpt_path)
+        elif t.start_epoch:
+            self._start_at(t.start_epoch * t.steps_per_epoch)
+
+    def _start_at(self, step: int) -> None:
+        """A new run positioned at `step` (FROMAGe's --start-epoch): data order and schedule."""
+        self.state.step = step
+        for group in self.optimizer.param_groups:
+            group.setdefault("initial_lr", group["lr"])
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(self.cfg), last_epoch=step - 1)
+        logger.info("starting at epoch %d (step %d)", self.cfg.train.start_epoch, step)
 
     # ------------------------------------------------------------------ setup
 
@@ -163,13 +175,13 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=dtype)
 
-    def _forward(self, module, batch):
+    def _forward(self, module, batch, concat_captions: bool = False):
         feats, text = self._features(batch)
         tok = {k: batch[k].to(self.device, non_blocking=True)
                for k in ("caption_ids", "caption_mask", "ret_ids", "ret_mask")}
         with self._autocast():
             out = module(feats, text, **tok, with_lm=self.with_lm, with_text=self.with_text,
-                         with_caption=self.with_caption)
+                         with_caption=self.with_caption, concat_captions=concat_captions)
             terms = self.loss_fn(out)
         return out, terms
 
@@ -205,15 +217,15 @@ class Trainer:
         t = self.cfg.train
         end = (epoch + 1) * t.steps_per_epoch
         accum = t.grad_accumulation_steps
-        loader = self._loader(self.train_data, t.batch_size, self.state.step * accum,
-                              (end - self.state.step) * accum, shuffle=True)
+        first = self.state.step * accum  # global index of the first micro-batch
+        loader = self._loader(self.train_data, t.batch_size, first, (end - self.state.step) * accum, shuffle=True)
         skips = SkipCounter()
         bar = tqdm(total=end - self.state.step, desc=f"epoch {epoch}", disable=not dist_utils.is_main_process(),
                    dynamic_ncols=True, file=sys.stderr)
         self.model.train()
         t0, samples, micro = time.perf_counter(), 0, 0
         sums: dict[str, float] = {}
-        for batch in loader:
+        for batch_idx, batch in enumerate(loader, start=first):
             skips.update(batch)
             n_local = len(batch["captions"])
             # every rank must agree to skip an empty batch, or the collectives would hang
@@ -226,10 +238,12 @@ class Trainer:
             last_micro = (micro + 1) % accum == 0
             sync = contextlib.nullcontext() if (last_micro or self.ddp is self.model) else self.ddp.no_sync()
             with sync:
-                _, terms = self._forward(self.ddp, batch)
+                concat = self.with_caption and concat_this_batch(t.concat_captions_prob, t.seed, batch_idx, CAPTIONING)
+                _, terms = self._forward(self.ddp, batch, concat)
                 self.scaler.scale(terms["loss"] / accum).backward()
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach()) / accum
+            sums["concat_captions"] = sums.get("concat_captions", 0.0) + float(concat) / accum
             samples += n_local
             micro += 1
             if not last_micro:
@@ -379,6 +393,16 @@ class Trainer:
         for s in (signal.SIGTERM, signal.SIGUSR1):
             with contextlib.suppress(ValueError):  # not in the main thread
                 signal.signal(s, handler)
+
+
+def _check_image_size(image_size: int | None, model: UniMuR) -> None:
+    if image_size is None:
+        return
+    native = square_input_size(model.encoders.preprocess)
+    if image_size != native:
+        raise ValueError(f"--image-size {image_size}: the frozen encoder {model.config.visual_model} takes "
+                         f"{native}x{native} inputs (its own preprocessing resizes to them); "
+                         f"drop --image-size or pass {native}")
 
 
 def _retrieval_metrics(name: str, queries: torch.Tensor, index: torch.Tensor) -> dict[str, float]:
