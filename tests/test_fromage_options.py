@@ -150,3 +150,17 @@ def test_evaluate_mode_validates_the_checkpoint_and_exits(synthetic, tmp_path):
     assert out["metrics"]["score"] == pytest.approx(metrics["score"])
     assert out["metrics"]["score"] == pytest.approx(read_metrics(run, "val")[-2]["score"])  # same as in training
     assert before == {p.name: p.stat().st_mtime_ns for p in run.glob("ckpt*.pth.tar")}  # untouched
+
+
+def test_pruned_model_carries_text_emb_layers(tiny_backbones, tmp_path):
+    from unimur.pretrained import save_pretrained
+
+    llm, enc, tok, ret_id = tiny_backbones
+    torch.manual_seed(0)
+    cfg = ModelConfig(llm="tiny-opt", visual_model="tiny-clip", text_emb_layers=(-1, 1))
+    model = UniMuR(cfg, llm, enc, tok, ret_id).eval()
+    save_pretrained(cfg, model.trainable_state_dict(), tok, ret_id, tmp_path / "m")
+    loaded = UniMuR.from_pretrained(tmp_path / "m")
+    assert loaded.config.text_emb_layers == (-1, 1)
+    ctx = [["Q: is it red? A: yes."], ["a green star"]]
+    assert torch.allclose(loaded.encode_context(ctx), model.encode_context(ctx), atol=1e-6)

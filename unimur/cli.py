@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--steps-per-epoch", type=int, default=T.steps_per_epoch)
     g.add_argument("--val-steps-per-epoch", type=int, default=T.val_steps_per_epoch)
     g.add_argument("-b", "--batch-size", type=int, default=T.batch_size, help="global batch, split over processes")
-    g.add_argument("--val-batch-size", type=int, default=T.val_batch_size)
+    g.add_argument("--val-batch-size", type=int, default=None, help="default: --batch-size (FROMAGe's)")
     g.add_argument("--lr", "--learning-rate", dest="learning_rate", type=float, default=T.learning_rate)
     g.add_argument("--beta1", type=float, default=T.betas[0])
     g.add_argument("--beta2", type=float, default=T.betas[1])

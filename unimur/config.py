@@ -114,7 +114,8 @@ class TrainConfig:
     """Validation batches per evaluation; -1: the whole validation set (FROMAGe's default)."""
     batch_size: int = 180
     """Global batch (split over ranks)."""
-    val_batch_size: int = 80
+    val_batch_size: int | None = None
+    """Global validation batch; None: the training batch size (FROMAGe's default)."""
     learning_rate: float = 3e-4
     betas: tuple[float, float] = (0.9, 0.95)
     weight_decay: float = 0.0
@@ -138,6 +139,8 @@ class TrainConfig:
 
     def __post_init__(self):
         _check_choice("precision", self.precision, ("fp32", "fp16", "bf16"))
+        if self.val_batch_size is None:
+            self.val_batch_size = self.batch_size
         if not 0.0 <= self.concat_captions_prob <= 1.0:
             raise ValueError(f"concat_captions_prob={self.concat_captions_prob}: expected a probability")
         if not 0 <= self.start_epoch < max(1, self.epochs):

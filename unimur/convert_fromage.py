@@ -7,7 +7,8 @@ project's pruned model folder, so FROMAGe and UniMuR are evaluated by the same s
 FROMAGe's parts map one to one onto `method=fromage` here:
     model.visual_embeddings   -> cap_mapping      (W_cap, from CLIP's pooled pre-projection feature)
     model.visual_fc           -> image_proj       (W_v, 256-d retrieval space)
-    model.text_hidden_fcs.0.0 -> unified_mapping  (W_u, last hidden state at [RET])
+    model.text_hidden_fcs.0.0 -> unified_mapping  (W_u, first of --text-emb-layers, at [RET])
+    model.text_hidden_fcs.i.0 -> extra_unified_mappings.(i-1)  (further layers, summed)
     ret_input_embeddings / row [RET] of model.input_embeddings -> ret_embedding
     model.logit_scale         -> logit_scale
 FROMAGe's CLIP is Hugging Face's CLIPVisionModel; its `pooler_output` (post-layernorm CLS) is
@@ -47,15 +48,14 @@ KEY_MAP = {
 
 
 def fromage_config(args: dict) -> ModelConfig:
-    layers = args.get("text_emb_layers", [-1])
-    if list(layers) != [-1]:
-        raise ValueError(f"text_emb_layers={layers}: only FROMAGe's default [-1] (last layer) maps onto W_u")
+    layers = tuple(args.get("text_emb_layers", [-1]))
     if args.get("shared_emb_dim") is None:
         raise ValueError("shared_emb_dim=None (no W_u/W_v) has no equivalent here")
     return ModelConfig(method="fromage", llm=args.get("opt_version", "facebook/opt-6.7b"),
                        visual_model=args.get("visual_encoder", "openai/clip-vit-large-patch14"),
                        n_visual_tokens=int(args.get("n_visual_tokens", 1)), visual_feature="pooled",
-                       target_proj="linear", shared_emb_dim=int(args["shared_emb_dim"]))
+                       target_proj="linear", shared_emb_dim=int(args["shared_emb_dim"]),
+                       text_emb_layers=layers)
 
 
 def convert_state(state: dict[str, torch.Tensor], ret_idx: int) -> dict[str, torch.Tensor]:
@@ -64,6 +64,12 @@ def convert_state(state: dict[str, torch.Tensor], ret_idx: int) -> dict[str, tor
     if missing:
         raise ValueError(f"not a FROMAGe checkpoint: missing {missing}")
     out = {new: state[old].float() for old, new in KEY_MAP.items()}
+    # FROMAGe's text_hidden_fcs.i (i >= 1: further --text-emb-layers) -> extra_unified_mappings.(i-1)
+    i = 1
+    while f"model.text_hidden_fcs.{i}.0.weight" in state:
+        for part in ("weight", "bias"):
+            out[f"extra_unified_mappings.{i - 1}.{part}"] = state[f"model.text_hidden_fcs.{i}.0.{part}"].float()
+        i += 1
     if "ret_input_embeddings.weight" in state:  # written by FROMAGe's prune_model_ckpt.py
         out["ret_embedding"] = state["ret_input_embeddings.weight"].reshape(-1).float()
     elif "model.input_embeddings.weight" in state:

@@ -399,7 +399,8 @@ class UniMuR(nn.Module):
             return self.unified_from_hidden(hidden, mask, layers)
         return self.unified_from_hidden(self.run_llm(inputs, mask), mask)
 
-    def _context_embeddings(self, context: Sequence[Piece], max_len: int | None) -> torch.Tensor:
+    def _context_embeddings(self, context: Sequence[Piece], max_len: int | None, with_ret: bool = True
+                            ) -> torch.Tensor:
         ids = torch.tensor(self._bos_ids, dtype=torch.long, device=self.device)
         parts = [self.embed_tokens(ids[None])[0]] if self._bos_ids else []
         images = [p for p in context if not isinstance(p, str)]
@@ -411,8 +412,9 @@ class UniMuR(nn.Module):
                     parts.append(self.embed_tokens(torch.tensor([tok], device=self.device))[0])
             else:
                 parts.append(next(mapped).to(self._llm_dtype))
-        parts.append(self.ret_embedding.to(self._llm_dtype)[None])
-        seq = torch.cat(parts, dim=0)  # (T, H_in), [RET] last
+        if with_ret:
+            parts.append(self.ret_embedding.to(self._llm_dtype)[None])
+        seq = torch.cat(parts, dim=0)  # (T, H_in), [RET] last (with_ret)
         if max_len is not None and seq.shape[0] > max_len:
             seq = seq[-max_len:]
         return seq
