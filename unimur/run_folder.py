@@ -142,7 +142,7 @@ def param_count_table(model: nn.Module) -> str:
     rows.sort(key=lambda r: (r[1] == 0, r[0]))  # trainable modules first
     trainable, frozen = sum(r[1] for r in rows), sum(r[2] for r in rows)
     width = max([len("module"), *(len(r[0]) for r in rows)]) + 2
-    line = lambda m, t, f, d: f"{m:<{width}}{t:>15,}{f:>17,}  {d}"  # noqa: E731
+    line = lambda m, t, f, d: f"{m:<{width}}{t:>15,}{f:>17,}  {d}".rstrip()  # noqa: E731
     out = [f"{'module':<{width}}{'trainable':>15}{'frozen':>17}  dtype"]
     out += [line(*r) for r in rows]
     out.append(line("total", trainable, frozen, ""))
