@@ -50,9 +50,18 @@ def run_cli(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] 
     except EXPECTED as e:
         if show_tracebacks():
             raise
-        sys.stderr.write(f"error: {e}\n")
+        sys.stderr.write(f"error: {message(e)}\n")
         return 1
     return 0
+
+
+def message(e: BaseException) -> str:
+    """What to print for ``e``: its message (a KeyError's without the quotes its str adds)."""
+    if isinstance(e, KeyError) and e.args:
+        text = str(e.args[0])
+        # a bare key says nothing on its own: name the error and where to look
+        return text if " " in text else f"KeyError: {text!r} (UNIMUR_TRACEBACK=1 shows where)"
+    return str(e)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ import torch.multiprocessing as mp
 from .checkpoint import LATEST, load_checkpoint
 from .config import Config
 from .data import check_caption_tsv
-from .errors import EXPECTED, RunFolderError, UniMuRError, explain_backbone_errors, show_tracebacks
+from .errors import EXPECTED, RunFolderError, UniMuRError, explain_backbone_errors, message, show_tracebacks
 from .run_folder import RunLock, check_new_run, check_not_locked, clear_previous_run
 
 logger = logging.getLogger(__name__)
@@ -189,7 +189,7 @@ def launch(args, cfg: Config, argv: list[str]):
         preflight(args, cfg, run_dir, check_folder=first)
     except EXPECTED as e:
         if first and not isinstance(e, RunFolderError):  # never write into a refused folder
-            record_error(run_dir, str(e))
+            record_error(run_dir, message(e))
         raise
     if args.multiprocessing_distributed:
         nprocs = args.nprocs or torch.cuda.device_count() or 1
@@ -200,16 +200,24 @@ def launch(args, cfg: Config, argv: list[str]):
             mp.start_processes(_worker, args=(nprocs, world, args, cfg, argv, result), nprocs=nprocs,
                                start_method="spawn", join=True)
         except mp.ProcessExitedException:
-            outcome = dict([result.get()]) if not result.empty() else {}
-            if "error" in outcome:  # a worker's expected failure, already in train.log
-                raise UniMuRError(outcome["error"]) from None
+            errors = [m for kind, m in _drain(result) if kind == "error"]
+            if errors:  # a worker's expected failure (already in train.log): print it once
+                raise UniMuRError(errors[0]) from None
             raise
-        return dict([result.get()]).get("state") if not result.empty() else None
+        return next((m for kind, m in _drain(result) if kind == "state"), None)
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # torchrun / SLURM-style env://
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         local = int(os.environ.get("LOCAL_RANK", 0))
         return _run(local, rank, world, "env://", args, cfg, argv)
     return _run(0, 0, 1, None, args, cfg, argv)
+
+
+def _drain(queue) -> list[tuple[str, object]]:
+    """The ("state" | "error", value) pairs the workers left in ``queue``."""
+    items = []
+    while not queue.empty():
+        items.append(queue.get())
+    return items
 
 
 def _worker(local_rank, nprocs, world, args, cfg, argv, result):
@@ -220,7 +228,7 @@ def _worker(local_rank, nprocs, world, args, cfg, argv, result):
         if show_tracebacks():
             raise
         # the parent prints it once; exiting non-zero makes it stop the other workers
-        result.put(("error", str(e)))
+        result.put(("error", message(e)))
         sys.exit(1)
     if rank == 0:
         result.put(("state", state))
@@ -262,7 +270,7 @@ def _run(local_rank: int, rank: int, world: int, init_method: str | None, args, 
             write_run_info(run_dir, cfg, argv, trainer.model)
         return trainer.fit()
     except EXPECTED as e:
-        _error_to_run_log(str(e))
+        _error_to_run_log(message(e))
         raise
     finally:
         if lock is not None:

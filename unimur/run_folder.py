@@ -5,7 +5,8 @@ Nothing in a run folder is lost by accident:
     ``--overwrite`` says to replace them;
   * a trainer holds ``run.lock`` (an ``flock``, naming its process id) for its whole life, so a
     second trainer on the same folder refuses. The kernel drops an ``flock`` when its process
-    dies, even by SIGKILL, so a killed run never leaves a lock that blocks ``--resume``.
+    dies, even by SIGKILL, so a killed run never leaves a lock that blocks ``--resume`` (on NFS,
+    Linux maps ``flock`` onto the server's POSIX locks, so it holds across nodes too).
     (``filelock`` would do the locking too, but it truncates the file it locks on every
     attempt, which would erase the holder's pid that the refusal message names.)
 
