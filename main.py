@@ -1,11 +1,13 @@
 """Train UniMuR: parse flags, set up processes and logging, build the trainer, train.
 
 The seed README's command works as written (see README.md); the loop lives in
-`unimur/trainer.py`, process launch in `unimur/launch.py`.
+`unimur/trainer.py`, process launch in `unimur/launch.py`. Bad inputs, a run folder in use or
+holding an earlier run, or a backbone that cannot be loaded end in one `error: ...` line.
 """
 import sys
 
 from unimur.cli import parse_args
+from unimur.errors import run_cli
 from unimur.launch import launch
 
 
@@ -16,4 +18,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))  # expected failures: one `error: ...` line (UNIMUR_TRACEBACK=1: traceback)

@@ -4,14 +4,19 @@ the model as an Embedder, writing the requested outputs, and turning expected fa
 from __future__ import annotations
 
 import json
-import os
+import logging
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
+from unimur.embeddings import ImageEmbeddings
+from unimur.errors import UniMuRError, explain_backbone_errors
+from unimur.errors import run_cli as _run_cli
 from unimur.eval_report import format_table, save_examples_png, write_results
 from unimur.retriever import Embedder
+
+logger = logging.getLogger("evals")
 # ==============================================================================================
 # Command-line support: evals/eval_visdial.py and evals/eval_mmdialog.py are thin wrappers
 # ==============================================================================================
@@ -44,12 +49,16 @@ def require_path(path: str | Path, what: str, hint: str) -> Path:
     return path
 
 
-def load_embedder(model_dir: str | Path, device: str | None = None, batch_size: int = 64,
-                  num_workers: int = 0, progress: bool = True, image_resize: str = "crop"):
-    """A :class:`~unimur.retriever.ModelEmbedder` over the pruned model in ``model_dir``."""
-    from unimur.model import UniMuR
-    from unimur.retriever import ModelEmbedder
+# The model folder's config.json names the frozen backbones it is rebuilt from.
+BACKBONE_FIXES = {"llm": "the model folder's config.json names it (llm): make it available in the "
+                         "local cache, or set llm to a local folder holding the same model",
+                  "visual": "the model folder's config.json names it (visual_model): make it "
+                            "available in the local cache, or set visual_model to "
+                            "NAME:/path/to/open_clip_weights.bin"}
 
+
+def check_model_dir(model_dir: str | Path) -> Path:
+    """``model_dir`` if it holds a pruned model's files, else a FileNotFoundError saying so."""
     model_dir = Path(model_dir)
     missing = [name for name in MODEL_FILES if not (model_dir / name).exists()]
     if missing:
@@ -57,10 +66,64 @@ def load_embedder(model_dir: str | Path, device: str | None = None, batch_size: 
             f"{model_dir.resolve()} is not a pruned UniMuR model folder (missing: "
             f"{', '.join(missing)})\n  pass --model-dir; such a folder is written by training "
             f"(see unimur/prune_model_ckpt.py) and shipped as unimur_model/ in the README")
+    return model_dir
+
+
+def load_embedder(model_dir: str | Path, device: str | None = None, batch_size: int = 64,
+                  num_workers: int = 0, progress: bool = True, image_resize: str = "crop"):
+    """A :class:`~unimur.retriever.ModelEmbedder` over the pruned model in ``model_dir``."""
+    from unimur.model import UniMuR
+    from unimur.pretrained import read_model_config
+    from unimur.retriever import ModelEmbedder
+
+    model_dir = check_model_dir(model_dir)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = UniMuR.from_pretrained(model_dir, device=device)
+    config = read_model_config(model_dir)
+    with explain_backbone_errors(config.llm, config.visual_model, BACKBONE_FIXES):
+        model = UniMuR.from_pretrained(model_dir, device=device)
     return ModelEmbedder(model, batch_size=batch_size, num_workers=num_workers, progress=progress,
                          image_resize=image_resize)
+
+
+def model_weights_digest(model_dir: str | Path) -> str | None:
+    """The sha256 of the model's weights its manifest records (checked when the model loads)."""
+    manifest = Path(model_dir) / "manifest.json"
+    return json.loads(manifest.read_text()).get("weights_sha256") if manifest.is_file() else None
+
+
+def check_embeddings_model(embeddings: ImageEmbeddings, path: str | Path, model_dir: str | Path,
+                           allow_mismatch: bool) -> dict[str, Any]:
+    """Refuse an embedding file extracted with another model (its ``model_weights_sha256``
+    differs from the model's), unless ``allow_mismatch``; return what was found, for the
+    results. A file that records no digest (a converted FROMAGe pickle) cannot be checked: it
+    is evaluated with a warning, and the results say so."""
+    file_digest = embeddings.meta.get("model_weights_sha256")
+    model_digest = model_weights_digest(model_dir)
+    check = {"file_weights_sha256": file_digest, "model_weights_sha256": model_digest,
+             "allow_mismatch": bool(allow_mismatch)}
+    if file_digest is None:
+        source = embeddings.meta.get("source")
+        check["status"] = "unchecked"
+        check["note"] = (f"the embedding file {path} records no model digest"
+                         f"{f' (source: {source})' if source else ''}: it could not be checked "
+                         f"against the model; its image embeddings are assumed to be this model's")
+        logger.warning("%s", check["note"])
+    elif file_digest == model_digest:
+        check["status"] = "match"
+    elif allow_mismatch:
+        check["status"] = "mismatch_allowed"
+        check["note"] = (f"--allow-embeddings-mismatch: the embedding file {path} was extracted "
+                         f"with other weights (sha256 {file_digest[:12]}...) than the model "
+                         f"({str(model_digest)[:12]}...)")
+        logger.warning("%s", check["note"])
+    else:
+        raise UniMuRError(
+            f"{path} was extracted with another model (weights sha256 {file_digest[:12]}...) than "
+            f"{model_dir} ({str(model_digest)[:12]}...): its image embeddings are not this model's; "
+            f"re-extract them with `python unimur/extract_vis_emb.py --model-dir {model_dir} ...`, "
+            f"omit --embeddings to embed the images now, or pass --allow-embeddings-mismatch to "
+            f"evaluate anyway (recorded in the results)")
+    return check
 
 
 def model_info(model_dir: str | Path, embedder: Embedder) -> dict[str, Any]:
@@ -88,14 +151,6 @@ def report(results: dict[str, Any], output: str | Path | None, examples_png: str
 
 def run_cli(main, argv: Sequence[str] | None = None) -> int:
     """Run a script's ``main``; expected failures (missing data, bad files or settings) become one
-    ``error: ...`` line and exit status 1 instead of a traceback. ``UNIMUR_TRACEBACK=1`` re-raises."""
-    import sys
-
-    try:
-        main(argv)
-    except (FileNotFoundError, ValueError, KeyError) as e:
-        if os.environ.get("UNIMUR_TRACEBACK"):
-            raise
-        sys.stderr.write(f"error: {e}\n")
-        return 1
-    return 0
+    ``error: ...`` line and exit status 1 instead of a traceback (see :mod:`unimur.errors`).
+    ``UNIMUR_TRACEBACK=1`` re-raises."""
+    return _run_cli(main, argv)

@@ -5,9 +5,12 @@
     python evals/eval_mmdialog.py --embeddings mmdialog_test.safetensors --target last \\
         --output results/mmdialog.json --examples-png mmdialog.png
 
-Per query, the pool is its ground-truth elements plus its negatives. Reports text, image and
-overall R@1/5/10 (plus MRR, mean rank), the image retrieval rate and the cross-modal
-consistency. Without --embeddings every needed image is embedded now.
+Per query, the pool is its ground-truth elements plus its negatives; a query whose pool holds
+fewer than --n-negatives negatives per modality (999 in MMDialog) is skipped and counted, never
+scored as a full pool. Reports text, image and overall R@1/5/10 (plus MRR, mean rank), the image
+retrieval rate and the cross-modal consistency. Without --embeddings every needed image is
+embedded now; with it, the file must have been extracted with this model (its weights digest is
+compared) unless --allow-embeddings-mismatch, which the results record.
 """
 from __future__ import annotations
 
@@ -20,9 +23,10 @@ from typing import Sequence
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without PYTHONPATH
 
 from unimur.embeddings import load_image_embeddings  # noqa: E402
-from evals.common import add_common_args, load_embedder, model_info, report, require_path, run_cli  # noqa: E402
-from unimur.evaluation import evaluate_mmdialog  # noqa: E402
-from unimur.mmdialog import TARGETS, conversations_path  # noqa: E402
+from evals.common import (add_common_args, check_embeddings_model, check_model_dir, load_embedder,  # noqa: E402
+                          model_info, report, require_path, run_cli)
+from unimur.evaluation import MMDIALOG_NEGATIVES, evaluate_mmdialog  # noqa: E402
+from unimur.mmdialog import TARGETS, conversations_path, load_mmdialog  # noqa: E402
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -41,6 +45,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         "(.safetensors; a .pkl needs --allow-pickle); default: embed the images now")
     p.add_argument("--allow-pickle", action="store_true",
                    help="allow reading a .pkl embedding file (unpickling runs code from the file)")
+    p.add_argument("--allow-embeddings-mismatch", action="store_true",
+                   help="evaluate with --embeddings extracted by another model (its weights "
+                        "digest differs); recorded in the results")
+    p.add_argument("--n-negatives", type=int, default=MMDIALOG_NEGATIVES, metavar="N",
+                   help="negatives per modality in a full candidate pool; queries with fewer "
+                        "are skipped and counted. A smaller set states its own size (a synthetic "
+                        "set: the --n-negatives it was generated with); default: %(default)s")
     p.add_argument("--image-threshold", type=float, default=None, metavar="T",
                    help="output an image only when its cosine exceeds T; default: always output "
                         "both modalities (UniMuR)")
@@ -49,21 +60,32 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(argv)
+    if args.n_negatives < 1:
+        raise ValueError(f"--n-negatives must be >= 1, got {args.n_negatives}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    # Check the data before loading the model: a wrong path should fail in a second, not minutes.
+    # Read and check the data, the embeddings and the model folder before loading the model: a
+    # wrong path or a damaged file should fail in a second, not after minutes of loading.
     require_path(conversations_path(args.mmdialog_dir, args.split), "MMDialog conversations file",
                  "pass --mmdialog-dir: the folder with <split>/conversations.json and the images "
                  "(see https://github.com/victorsungo/MMDialog)")
-    embeddings = None
+    data = load_mmdialog(args.mmdialog_dir, args.split, args.target, check_images=not args.embeddings)
+    check_model_dir(args.model_dir)
+    embeddings, embeddings_check = None, None
     if args.embeddings:
         require_path(args.embeddings, "embedding file",
                      "write it with `python unimur/extract_vis_emb.py`, or omit --embeddings")
         embeddings = load_image_embeddings(args.embeddings, allow_pickle=args.allow_pickle)
+        embeddings_check = check_embeddings_model(embeddings, args.embeddings, args.model_dir,
+                                                  args.allow_embeddings_mismatch)
     embedder = load_embedder(args.model_dir, args.device, args.batch_size, args.num_workers,
                              progress=not args.no_progress)
     results = evaluate_mmdialog(embedder, args.mmdialog_dir, split=args.split, target=args.target,
-                                embeddings=embeddings, image_threshold=args.image_threshold)
+                                embeddings=embeddings, image_threshold=args.image_threshold,
+                                n_negatives=args.n_negatives, data=data)
     results["settings"]["embeddings_file"] = str(Path(args.embeddings).resolve()) if args.embeddings else None
+    results["settings"]["embeddings_check"] = embeddings_check
+    if embeddings_check and "note" in embeddings_check:
+        results["notes"].append(embeddings_check["note"])
     results["model"] = model_info(args.model_dir, embedder)
     print(report(results, args.output, args.examples_png))
     return results

@@ -17,9 +17,10 @@ from typing import Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without PYTHONPATH
 
-from evals.common import add_common_args, load_embedder, model_info, report, require_path, run_cli  # noqa: E402
+from evals.common import (add_common_args, check_model_dir, load_embedder, model_info, report,  # noqa: E402
+                          require_path, run_cli)
 from unimur.evaluation import evaluate_visdial  # noqa: E402
-from unimur.visdial import CONTEXTS, visdial_paths  # noqa: E402
+from unimur.visdial import CONTEXTS, load_visdial, visdial_paths  # noqa: E402
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -44,15 +45,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    # Check the data before loading the model: a wrong path should fail in a second, not minutes.
+    # Read and check the data and the model folder before loading the model: a wrong path or a
+    # truncated JSON should fail in a second, not after minutes of loading.
     json_path, _ = visdial_paths(args.visdial_dir, args.split)
     require_path(json_path, "VisDial annotation file",
                  "pass --visdial-dir: the folder with visdial_1.0_val.json and "
                  "VisualDialog_val2018/ (see the README's 'Preparing Evaluation Datasets')")
+    data = load_visdial(args.visdial_dir, args.split)
+    check_model_dir(args.model_dir)
     embedder = load_embedder(args.model_dir, args.device, args.batch_size, args.num_workers,
                              progress=not args.no_progress, image_resize=args.image_resize)
     results = evaluate_visdial(embedder, args.visdial_dir, context=args.context,
-                               rounds=args.rounds, split=args.split)
+                               rounds=args.rounds, split=args.split, data=data)
     results["settings"]["image_resize"] = args.image_resize
     results["model"] = model_info(args.model_dir, embedder)
     print(report(results, args.output, args.examples_png))

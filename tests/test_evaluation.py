@@ -199,6 +199,7 @@ D_C = dialogue(3, [T("green please")], [T("green stuff"), M(KG2), M(KR2)], neg_k
 D_EMPTY = dialogue(4, [T("hello")], [T("")])             # empty target turn
 D_NO_TARGET = dialogue(5, [T("hello")], [M(KMISS)])      # target image has no file
 MM_DIALOGUES = [D_A, D_B, D_C, D_EMPTY, D_NO_TARGET]
+MM_NEG = 2  # usable negatives per modality in every pool above (a missing or unreadable image aside)
 
 
 def write_mmdialog(root: Path, dialogues=MM_DIALOGUES, container="array") -> Path:
@@ -228,7 +229,7 @@ def assert_mmdialog_metrics(m):
 
 def test_mmdialog_metrics_and_counts(tmp_path):
     stub = mm_stub()
-    res = evaluate_mmdialog(stub, write_mmdialog(tmp_path / "MMDialog"))
+    res = evaluate_mmdialog(stub, write_mmdialog(tmp_path / "MMDialog"), n_negatives=MM_NEG)
     m, c = res["metrics"], res["counts"]
     assert_mmdialog_metrics(m)
     assert m["image_retrieval_rate"] == 1.0
@@ -257,7 +258,8 @@ def test_mmdialog_metrics_and_counts(tmp_path):
 
 
 def test_mmdialog_image_threshold(tmp_path):
-    res = evaluate_mmdialog(mm_stub(), write_mmdialog(tmp_path / "MMDialog"), image_threshold=0.5)
+    res = evaluate_mmdialog(mm_stub(), write_mmdialog(tmp_path / "MMDialog"), image_threshold=0.5,
+                            n_negatives=MM_NEG)
     # B's best image scores 0 (its context is purple): no image output there
     assert res["metrics"]["image_retrieval_rate"] == pytest.approx(2 / 3)
     assert res["metrics"]["cross_modal_consistency"] == pytest.approx(0.8)  # A 1.0, C 0.6
@@ -267,8 +269,8 @@ def test_mmdialog_image_threshold(tmp_path):
 
 
 def test_mmdialog_containers_agree(tmp_path):
-    a = evaluate_mmdialog(mm_stub(), write_mmdialog(tmp_path / "array"))
-    b = evaluate_mmdialog(mm_stub(), write_mmdialog(tmp_path / "lines", container="jsonl"))
+    a = evaluate_mmdialog(mm_stub(), write_mmdialog(tmp_path / "array"), n_negatives=MM_NEG)
+    b = evaluate_mmdialog(mm_stub(), write_mmdialog(tmp_path / "lines", container="jsonl"), n_negatives=MM_NEG)
     assert a["metrics"] == b["metrics"] and a["counts"] == b["counts"]
     assert [x["retrieved_texts"] for x in a["examples"]] == [x["retrieved_texts"] for x in b["examples"]]
 
@@ -278,14 +280,14 @@ def test_mmdialog_truncated_json_is_a_clear_error(tmp_path):
     path = root / "test" / "conversations.json"
     path.write_text(path.read_text()[:200])
     with pytest.raises(ValueError, match="truncated"):
-        evaluate_mmdialog(mm_stub(), root)
+        evaluate_mmdialog(mm_stub(), root, n_negatives=MM_NEG)
 
 
 def test_mmdialog_given_embeddings(tmp_path):
     root = write_mmdialog(tmp_path / "MMDialog", MM_DIALOGUES[:4])
     stub = mm_stub()
     given = stub.embeddings([KR, KB, KG, KP, KG2, KR2])  # KMISS and KBAD not in the file
-    res = evaluate_mmdialog(stub, root, embeddings=given)
+    res = evaluate_mmdialog(stub, root, embeddings=given, n_negatives=MM_NEG)
     assert_mmdialog_metrics(res["metrics"])
     assert not stub.image_calls  # nothing re-embedded
     assert res["counts"]["dropped_elements"]["negative_image_not_in_embeddings"] == 2
@@ -293,10 +295,10 @@ def test_mmdialog_given_embeddings(tmp_path):
     # extract_vis_emb.py ids are file names relative to the image folder: matched by stem
     by_name = ImageEmbeddings([f"{k}.jpg" for k in given.ids], given.embeds, given.cap_features,
                               given.clip_embeds)
-    assert evaluate_mmdialog(mm_stub(), root, embeddings=by_name)["metrics"] == res["metrics"]
+    assert evaluate_mmdialog(mm_stub(), root, embeddings=by_name, n_negatives=MM_NEG)["metrics"] == res["metrics"]
 
     # a context image missing from the file is dropped and counted (B then has no context)
-    res = evaluate_mmdialog(mm_stub(), root, embeddings=stub.embeddings([KR, KB, KG, KG2, KR2]))
+    res = evaluate_mmdialog(mm_stub(), root, embeddings=stub.embeddings([KR, KB, KG, KG2, KR2]), n_negatives=MM_NEG)
     assert res["counts"]["dropped_elements"]["context_image_not_in_embeddings"] == 1
     assert res["counts"]["skipped_queries"]["empty_context_after_image_drop"] == 1
     assert res["counts"]["queries_evaluated"] == 2
@@ -304,12 +306,45 @@ def test_mmdialog_given_embeddings(tmp_path):
     # a ground-truth image missing from the file is an error naming the cause
     root = write_mmdialog(tmp_path / "MMDialog2")
     with pytest.raises(ValueError, match="not in the embedding file"):
-        evaluate_mmdialog(mm_stub(), root, embeddings=given)
+        evaluate_mmdialog(mm_stub(), root, embeddings=given, n_negatives=MM_NEG)
+
+
+def test_mmdialog_short_pools_are_skipped_and_counted_never_scored(tmp_path):
+    # the ground truth alone would be a free rank-1 hit; one negative an easier pool
+    no_negatives = {**dialogue(6, [T("show me red")], [T("here red"), M(KR)], neg_keys=()),
+                    "negative_candidate_texts": []}
+    one_image = dialogue(7, [T("show me red")], [T("here red"), M(KR)], neg_keys=(KB,))
+    one_text = {**dialogue(8, [T("show me red")], [T("here red"), M(KR)]),
+                "negative_candidate_texts": ["blue thing", "  "]}  # the empty one is dropped
+    root = write_mmdialog(tmp_path / "MMDialog", [*MM_DIALOGUES, no_negatives, one_image, one_text])
+    res = evaluate_mmdialog(mm_stub(), root, n_negatives=MM_NEG)
+    reference = evaluate_mmdialog(mm_stub(), write_mmdialog(tmp_path / "ref"), n_negatives=MM_NEG)
+    assert res["metrics"] == reference["metrics"]  # as if those dialogues were not there
+    c = res["counts"]
+    assert c["skipped_queries"] == {"empty_target_turn": 1, "missing_target_image": 1,
+                                    "no_negative_images": 1, "too_few_negative_images": 1,
+                                    "too_few_negative_texts": 1}
+    assert c["queries_evaluated"] == 3 and c["queries_skipped"] == 5
+    assert res["settings"]["n_negatives"] == MM_NEG and "fewer than 2 scorable negatives" in res["settings"]["pool"]
+    table = format_table(res)
+    assert "3 queries evaluated, 5 skipped" in table
+    assert ("skipped: empty_target_turn 1, missing_target_image 1, no_negative_images 1, "
+            "too_few_negative_images 1, too_few_negative_texts 1 (full pool: 2 negatives per modality)") in table
+
+    # without a text retrieval space only the image pool counts
+    images_only = evaluate_mmdialog(mm_stub(supports_text=False), root, n_negatives=MM_NEG)
+    assert images_only["counts"]["queries_evaluated"] == 4
+    assert "too_few_negative_texts" not in images_only["counts"]["skipped_queries"]
+    # the protocol's default (999) on a small set: nothing is scored, and the error says why
+    with pytest.raises(ValueError, match=r"smaller than 999 negatives per modality.*--n-negatives"):
+        evaluate_mmdialog(mm_stub(), root)
+    with pytest.raises(ValueError, match="n_negatives must be >= 1"):
+        evaluate_mmdialog(mm_stub(), root, n_negatives=0)
 
 
 def test_mmdialog_without_text_space_reports_images_only(tmp_path):
     stub = mm_stub(supports_text=False)
-    res = evaluate_mmdialog(stub, write_mmdialog(tmp_path / "MMDialog"))
+    res = evaluate_mmdialog(stub, write_mmdialog(tmp_path / "MMDialog"), n_negatives=MM_NEG)
     m = res["metrics"]
     assert m["text"] is None and m["overall"] is None and m["cross_modal_consistency"] is None
     assert_metrics(m["image"], 100 / 3, 100, 100, (1 + 1 / 2 + 1 / 3) / 3, 2.0, 3)
@@ -322,7 +357,7 @@ def test_mmdialog_without_text_space_reports_images_only(tmp_path):
 
 def test_outputs_table_json_png(tmp_path):
     vd = evaluate_visdial(vd_stub(), write_visdial(tmp_path / "VisualDialog"))
-    mm = evaluate_mmdialog(mm_stub(supports_text=False), write_mmdialog(tmp_path / "MMDialog"))
+    mm = evaluate_mmdialog(mm_stub(supports_text=False), write_mmdialog(tmp_path / "MMDialog"), n_negatives=MM_NEG)
     table = format_table([vd, mm])
     assert "dialogue->image" in table and "50.00" in table and "0.6875" in table
     out = write_results(mm, tmp_path / "out" / "mm.json")
@@ -340,7 +375,7 @@ def test_outputs_table_json_png(tmp_path):
 # End to end: synthetic data, a random-init tiny model folder, both scripts
 # ----------------------------------------------------------------------------------------------
 
-N_VISDIAL, N_MMDIALOG = 8, 6
+N_VISDIAL, N_MMDIALOG, N_NEGATIVES = 8, 6, 20
 
 
 @pytest.fixture(scope="module")
@@ -355,7 +390,7 @@ def e2e(tmp_path_factory, tiny_model_config, tiny_backbones):
     save_pretrained(model.config, model.trainable_state_dict(), model.tokenizer, model.ret_id,
                     root / "unimur_model")
     paths = generate(root / "data", seed=0, n_train=0, n_val=0, n_visdial=N_VISDIAL,
-                     n_mmdialog=N_MMDIALOG, n_negatives=20, image_size=32)
+                     n_mmdialog=N_MMDIALOG, n_negatives=N_NEGATIVES, image_size=32)
     return root, paths, model
 
 
@@ -389,7 +424,7 @@ def test_eval_mmdialog_script(e2e, tmp_path):
 
     root, paths, model = e2e
     args = ["--model-dir", str(root / "unimur_model"), "--mmdialog-dir", str(paths["mmdialog_dir"]),
-            "--device", "cpu", "--no-progress"]
+            "--device", "cpu", "--no-progress", "--n-negatives", str(N_NEGATIVES)]
     out, png = tmp_path / "mmdialog.json", tmp_path / "mmdialog.png"
     res = eval_mmdialog.main(args + ["--output", str(out), "--examples-png", str(png)])
     data = json.loads(out.read_text())
@@ -409,6 +444,82 @@ def test_eval_mmdialog_script(e2e, tmp_path):
     res2 = eval_mmdialog.main(args + ["--embeddings", str(tmp_path / "emb.safetensors")])
     for modality in ("text", "image", "overall"):
         assert res2["metrics"][modality]["MRR"] == pytest.approx(res["metrics"][modality]["MRR"], abs=1e-6)
+    # a file without the model's digest (like a converted FROMAGe pickle) is evaluated, and says so
+    check = res2["settings"]["embeddings_check"]
+    assert check["status"] == "unchecked" and check["file_weights_sha256"] is None
+    assert any("records no model digest" in n for n in res2["notes"])
+
+
+def other_model_dir(e2e, tmp_path) -> Path:
+    """The e2e model with other trainable weights (same architecture and embedding size)."""
+    from unimur.pretrained import save_pretrained
+
+    _, _, model = e2e
+    state = {k: v + 0.5 for k, v in model.trainable_state_dict().items()}
+    return save_pretrained(model.config, state, model.tokenizer, model.ret_id, tmp_path / "other_model")
+
+
+def test_embeddings_of_another_model_are_refused_unless_allowed(e2e, tmp_path, capsys, monkeypatch):
+    from evals import eval_mmdialog
+    from evals.common import run_cli
+    from unimur.extract_vis_emb import extract, list_images
+
+    root, paths, _ = e2e
+    model_dir, other = root / "unimur_model", other_model_dir(e2e, tmp_path)
+    ids, files = list_images(image_dir=paths["mmdialog_dir"] / "test")
+    emb = extract(other, ids, files, tmp_path / "other_emb.safetensors")  # what extract_vis_emb.py writes
+    args = ["--model-dir", str(model_dir), "--mmdialog-dir", str(paths["mmdialog_dir"]), "--device", "cpu",
+            "--no-progress", "--n-negatives", str(N_NEGATIVES), "--embeddings", str(emb)]
+    capsys.readouterr()
+    with monkeypatch.context() as m:  # refused before the model is loaded
+        m.setattr(eval_mmdialog, "load_embedder", lambda *a, **k: pytest.fail("model loaded"))
+        assert run_cli(eval_mmdialog.main, args) == 1
+    err = capsys.readouterr().err
+    (line,) = [x for x in err.splitlines() if x.startswith("error: ")]
+    digest = json.loads((model_dir / "manifest.json").read_text())["weights_sha256"]
+    other_digest = json.loads((other / "manifest.json").read_text())["weights_sha256"]
+    assert line == (f"error: {emb} was extracted with another model (weights sha256 {other_digest[:12]}...) "
+                    f"than {model_dir} ({digest[:12]}...): its image embeddings are not this model's; "
+                    f"re-extract them with `python unimur/extract_vis_emb.py --model-dir {model_dir} ...`, "
+                    f"omit --embeddings to embed the images now, or pass --allow-embeddings-mismatch to "
+                    f"evaluate anyway (recorded in the results)")
+
+    out = tmp_path / "allowed.json"
+    eval_mmdialog.main([*args, "--allow-embeddings-mismatch", "--output", str(out)])
+    check = json.loads(out.read_text())["settings"]["embeddings_check"]
+    assert check == {"file_weights_sha256": other_digest, "model_weights_sha256": digest,
+                     "allow_mismatch": True, "status": "mismatch_allowed", "note": check["note"]}
+    assert check["note"] in json.loads(out.read_text())["notes"]
+
+    # the model's own extraction passes the check
+    own = extract(model_dir, ids, files, tmp_path / "own_emb.safetensors")
+    res = eval_mmdialog.main([*args[:-1], str(own)])
+    assert res["settings"]["embeddings_check"]["status"] == "match"
+
+
+def test_eval_scripts_read_their_data_before_loading_the_model(e2e, tmp_path, capsys, monkeypatch):
+    import shutil
+
+    from evals import eval_mmdialog, eval_visdial
+    from evals.common import run_cli
+
+    root, paths, _ = e2e
+
+    def no_model(*a, **k):
+        raise AssertionError("the model was loaded before the data was checked")
+
+    monkeypatch.setattr(eval_visdial, "load_embedder", no_model)
+    monkeypatch.setattr(eval_mmdialog, "load_embedder", no_model)
+    vd = tmp_path / "VisualDialog"
+    shutil.copytree(paths["visdial_dir"], vd)
+    (vd / "visdial_1.0_val.json").write_text(paths["visdial_json"].read_text()[:300])
+    assert run_cli(eval_visdial.main, ["--model-dir", str(root / "unimur_model"), "--visdial-dir", str(vd)]) == 1
+    assert "visdial_1.0_val.json" in capsys.readouterr().err
+    mm = tmp_path / "MMDialog"
+    (mm / "test").mkdir(parents=True)
+    (mm / "test" / "conversations.json").write_text(paths["mmdialog_json"].read_text()[:300])
+    assert run_cli(eval_mmdialog.main, ["--model-dir", str(root / "unimur_model"), "--mmdialog-dir", str(mm)]) == 1
+    assert "truncated or malformed JSON array" in capsys.readouterr().err
 
 
 def test_fromage_model_reports_images_only(e2e, tiny_backbones):
@@ -419,7 +530,7 @@ def test_fromage_model_reports_images_only(e2e, tiny_backbones):
     _, paths, _ = e2e
     config = ModelConfig(method="fromage", target_proj="linear", llm="tiny-opt", visual_model="tiny-clip")
     embedder = ModelEmbedder(UniMuR(config, *tiny_backbones), progress=False)
-    res = evaluate_mmdialog(embedder, paths["mmdialog_dir"])
+    res = evaluate_mmdialog(embedder, paths["mmdialog_dir"], n_negatives=N_NEGATIVES)
     assert res["metrics"]["text"] is None and res["metrics"]["overall"] is None
     check_recalls(res["metrics"]["image"])
     assert not math.isnan(res["metrics"]["image_retrieval_rate"])

@@ -68,8 +68,8 @@ def test_run_folder_and_exact_resume_after_kill(synthetic, tmp_path):
     state = main_module.main(tiny_args(synthetic, tmp_path, "full", "--epochs=3"))
     run = tmp_path / "full"
     assert state.step == 9
-    for f in ("config.json", "command.txt", "params.json", "ckpt.pth.tar", "ckpt_best.pth.tar",
-              "metrics.jsonl", "train.log"):
+    for f in ("config.json", "command.txt", "params.json", "param_count.txt", "git_info.txt",
+              "ckpt.pth.tar", "ckpt_best.pth.tar", "metrics.jsonl", "train.log", "run.lock"):
         assert (run / f).is_file(), f
     assert list(run.glob("events.out.tfevents.*"))
     assert json.loads((run / "params.json").read_text())["trainable_total"] > 0
@@ -92,6 +92,8 @@ def test_run_folder_and_exact_resume_after_kill(synthetic, tmp_path):
     proc.wait()
     done = torch.load(killed_dir / "ckpt.pth.tar", weights_only=True)["state"]["step"]
     assert 0 < done < 9, f"kill landed at step {done}: not mid-run"
+    # the killed run's lock is left behind, naming it; the kernel released it, so resuming works
+    assert (killed_dir / "run.lock").read_text().startswith(f"pid {proc.pid} ")
     state = main_module.main([*args, "--resume=latest"])
     assert state.step == 9
     ref, got = trainable(run), trainable(killed_dir)

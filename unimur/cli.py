@@ -93,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="validate the checkpoint given by --resume, write the metrics, exit")
     g.add_argument("--save-every-steps", type=int, default=T.save_every_steps)
     g.add_argument("--resume", default=None, help="checkpoint path, or 'latest' for <run>/ckpt.pth.tar")
+    g.add_argument("--overwrite", action="store_true",
+                   help="start a new run in a run folder that holds an earlier run's checkpoints, "
+                        "deleting them (without it such a folder is refused)")
 
     g = p.add_argument_group("loss weights (L = l_cap CL + l_vm VM + l_tm TM + l_lm LMret)")
     g.add_argument("--l-cap", "--cap-loss-scale", dest="l_cap", type=float, default=None)

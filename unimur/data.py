@@ -206,6 +206,18 @@ def read_caption_tsv(tsv_path: str | os.PathLike, image_dir: str | os.PathLike) 
     return rows, skipped
 
 
+def check_caption_tsv(tsv_path: str | os.PathLike, image_dir: str | os.PathLike) -> None:
+    """The checks of :func:`read_caption_tsv` that need no pass over the rows (the TSV and the
+    image dir exist, the header is right): cheap enough to run before anything is started."""
+    tsv_path, image_dir = Path(tsv_path), Path(image_dir)
+    if not tsv_path.is_file():
+        raise FileNotFoundError(f"caption TSV not found: {tsv_path}")
+    if not image_dir.is_dir():
+        raise FileNotFoundError(f"image dir not found: {image_dir} (needed by {tsv_path})")
+    with open(tsv_path, "rb") as f:
+        _check_header(f.readline(), tsv_path)
+
+
 def _check_header(raw: bytes, tsv_path: Path) -> None:
     """Require the exact ``caption<TAB>image`` header (a UTF-8 BOM and CRLF are tolerated)."""
     expected = "\t".join(TSV_HEADER)

@@ -434,9 +434,11 @@ def evaluate(model, model_dir: Path, data: dict[str, Path], meta: dict[str, Any]
             results = evaluate_visdial(embedder, data["visdial_dir"], n_examples=everything)
             subsets, rows = visdial_subsets(results, meta)
         else:
-            logger.info("[%s] MMDialog (= python evals/eval_mmdialog.py --model-dir %s --mmdialog-dir %s)",
-                        tag, model_dir, data["mmdialog_dir"])
-            results = evaluate_mmdialog(embedder, data["mmdialog_dir"], n_examples=everything)
+            logger.info("[%s] MMDialog (= python evals/eval_mmdialog.py --model-dir %s --mmdialog-dir %s "
+                        "--n-negatives %s)", tag, model_dir, data["mmdialog_dir"], meta["sizes"]["n_negatives"])
+            # the set's own pool size: the protocol's 999 would skip every query of it
+            results = evaluate_mmdialog(embedder, data["mmdialog_dir"], n_examples=everything,
+                                        n_negatives=int(meta["sizes"]["n_negatives"]))
             subsets, rows = mmdialog_subsets(results, meta)
         results["model"] = model_info(model_dir, embedder)
         if png:

@@ -51,8 +51,13 @@ def _table_mmdialog(r: Mapping[str, Any]) -> list[str]:
     s, c, m = r["settings"], r["counts"], r["metrics"]
     head = (f"MMDialog {s['split']} (target={s['target']}): {c['queries_evaluated']} queries "
             f"evaluated, {c['queries_skipped']} skipped")
-    lines = [head, *_metric_rows("modality", [("text", m["text"]), ("image", m["image"]),
-                                              ("overall", m["overall"])])]
+    lines = [head]
+    skipped = {**c.get("skipped_dialogues", {}), **c.get("skipped_queries", {})}
+    if skipped:  # say why, so that a pool-size or data problem is seen next to the numbers
+        rule = f" (full pool: {s['n_negatives']} negatives per modality)" if "n_negatives" in s else ""
+        lines.append("skipped: " + ", ".join(f"{r} {n}" for r, n in sorted(skipped.items())) + rule)
+    lines += _metric_rows("modality", [("text", m["text"]), ("image", m["image"]),
+                                       ("overall", m["overall"])])
     lines.append(f"image retrieval rate: {_fmt(m['image_retrieval_rate'], '.4f')} "
                  f"({s['image_output_rule']})")
     lines.append(f"cross-modal consistency: {_fmt(m['cross_modal_consistency'], '.4f')} "

@@ -12,7 +12,7 @@ Reporting (table, JSON, PNG) is `unimur.eval_report`; the scripts' shared plumbi
 Both evaluations return one JSON-ready dict with the same top-level keys:
 
 ``benchmark``  "visdial" or "mmdialog".
-``settings``   every choice that changes the numbers (split, context/target, pool rule, tie rule,
+``settings``   every choice that changes the numbers (split, context/target, pool rule and size, tie rule,
                threshold, embedding source, text retrieval on/off).
 ``metrics``    VisDial: ``dialogue_to_image`` and ``image_to_dialogue``, each
                ``{"R@1", "R@5", "R@10" (percent), "MRR" (0-1), "mean_rank", "median_rank", "n"}``
@@ -75,6 +75,10 @@ _VISDIAL_DIALOGUE_REASONS = {"missing_image", "malformed_dialog", "dialog_with_b
 # MMDialog reader reasons by what they remove.
 _MMDIALOG_DIALOGUE_REASONS = {"too_few_turns", "malformed_dialogue", "malformed_json_line"}
 _MMDIALOG_QUERY_REASONS = {"empty_target_turn", "missing_target_image", "empty_context"}
+# Queries whose candidate pool is smaller than the protocol's (see _short_pool).
+_MMDIALOG_POOL_REASONS = {f"{n}_negative_{m}" for n in ("no", "too_few") for m in ("images", "texts")}
+# MMDialog's protocol: 999 negative texts and 999 negative images per dialogue (SPEC section 4).
+MMDIALOG_NEGATIVES = 999
 
 
 # ==============================================================================================
@@ -171,18 +175,21 @@ def _visdial_queries(dialogs: list, context: str, rounds: int, skipped: Counter
 
 
 def evaluate_visdial(embedder: Embedder, visdial_dir: str | Path, *, context: str = "rounds",
-                     rounds: int = 10, split: str = "val", n_examples: int = N_EXAMPLES
-                     ) -> dict[str, Any]:
+                     rounds: int = 10, split: str = "val", n_examples: int = N_EXAMPLES,
+                     data: tuple[list, Counter] | None = None) -> dict[str, Any]:
     """VisDial dialogue-to-image retrieval (and image-to-dialogue), SPEC section 4.
 
     The pool is the images of all evaluated dialogues; dialogue ``i``'s positive is image ``i``.
     Dialogues the reader drops, duplicates and dialogues whose image cannot be decoded are
-    removed from both queries and pool and counted by reason.
+    removed from both queries and pool and counted by reason. ``data`` is what
+    ``load_visdial(visdial_dir, split)`` returned, when the caller read it already (the scripts
+    check their data before loading the model).
 
     Returns the results dict described in the module docstring.
     """
     t0 = time.perf_counter()
-    dialogs, skipped = load_visdial(visdial_dir, split)
+    dialogs, skipped = data if data is not None else load_visdial(visdial_dir, split)
+    dialogs, skipped = list(dialogs), Counter(skipped)
     dialogs = _dedupe_images(dialogs, skipped)
     dialogs, queries = _visdial_queries(dialogs, context, rounds, skipped)
     if not dialogs:
@@ -389,9 +396,28 @@ def _without_gt_duplicates(q: MMDialogQuery, dropped: Counter) -> MMDialogQuery:
     return replace(q, negative_texts=texts, negative_media_keys=keys)
 
 
+def _short_pool(q: MMDialogQuery, n_negatives: int, with_text: bool) -> str | None:
+    """Why ``q``'s candidate pool is smaller than the protocol's, or None if it is not.
+
+    A pool of only the ground truth is a free rank-1 hit and a short pool an easier one, so
+    such queries are skipped and counted rather than scored as if their pool were full. The
+    text pool only counts when the model retrieves texts.
+    """
+    pools = [("images", q.negative_media_keys)] + ([("texts", q.negative_texts)] if with_text else [])
+    for modality, negatives in pools:
+        if len(negatives) < n_negatives:
+            return f"{'no' if not negatives else 'too_few'}_negative_{modality}"
+    return None
+
+
 def _prepare_queries(queries: list[MMDialogQuery], table: _MediaTable, given: bool,
-                     skipped: Counter) -> list[MMDialogQuery]:
-    """Resolve media and clean pools; queries that cannot be scored are counted in ``skipped``."""
+                     skipped: Counter, n_negatives: int, with_text: bool) -> list[MMDialogQuery]:
+    """Resolve media and clean pools; queries that cannot be scored are counted in ``skipped``.
+
+    The pool-size rule counts a query's negatives that can be scored (non-empty texts, images
+    with a file or an embedding), before negatives equal to a ground-truth element are removed
+    (those are correct answers, not a smaller pool).
+    """
     out, missing_targets = [], []
     for q in queries:
         resolved = _resolve_query(q, table, given, skipped)
@@ -404,14 +430,27 @@ def _prepare_queries(queries: list[MMDialogQuery], table: _MediaTable, given: bo
         if not resolved.context:
             skipped["empty_context_after_image_drop"] += 1
             continue
+        short = _short_pool(resolved, n_negatives, with_text)
+        if short is not None:
+            skipped[short] += 1
+            continue
         out.append(_without_gt_duplicates(resolved, skipped))
     if missing_targets:
         raise ValueError(
             f"{len(missing_targets)} ground-truth media keys are not in the embedding file "
             f"(e.g. {missing_targets[:3]}): it does not cover this split; re-run "
             f"unimur/extract_vis_emb.py over it, or omit --embeddings to embed the images now")
+    n_short = sum(skipped[r] for r in _MMDIALOG_POOL_REASONS)
+    hint = ("a set with fewer negatives per dialogue states its size with --n-negatives (the "
+            "synthetic sets: the --n-negatives they were generated with)")
     if not out:
-        raise ValueError(f"no MMDialog query left to evaluate (skipped: {dict(skipped)})")
+        raise ValueError(f"no MMDialog query left to evaluate (skipped: {dict(skipped)})"
+                         + (f"; {n_short} pools are smaller than {n_negatives} negatives per "
+                            f"modality: {hint}" if n_short else ""))
+    if n_short:
+        logger.warning("MMDialog: %d queries skipped, not scored: their candidate pools hold fewer "
+                       "than %d negatives per modality (%s); %s", n_short, n_negatives,
+                       {r: skipped[r] for r in sorted(_MMDIALOG_POOL_REASONS) if skipped[r]}, hint)
     return out
 
 
@@ -511,8 +550,9 @@ def _consistency(embedder: Embedder, embeddings: ImageEmbeddings, images: _Score
 
 def evaluate_mmdialog(embedder: Embedder, mmdialog_dir: str | Path, *, split: str = "test",
                       target: str = "last", embeddings: ImageEmbeddings | None = None,
-                      image_threshold: float | None = None, n_examples: int = N_EXAMPLES
-                      ) -> dict[str, Any]:
+                      image_threshold: float | None = None, n_examples: int = N_EXAMPLES,
+                      n_negatives: int = MMDIALOG_NEGATIVES,
+                      data: tuple[list[MMDialogQuery], Counter] | None = None) -> dict[str, Any]:
     """MMDialog multimodal response retrieval (SPEC section 4).
 
     Args:
@@ -524,22 +564,32 @@ def evaluate_mmdialog(embedder: Embedder, mmdialog_dir: str | Path, *, split: st
             and negatives are dropped and counted, a ground-truth image is an error.
         image_threshold: output an image only when the best image scores above it (cosine);
             None = UniMuR's rule of always outputting both modalities.
+        n_negatives: the protocol's pool size, negatives per modality (999 in MMDialog); a query
+            whose pool holds fewer (after dropping unusable images) is skipped and counted under
+            ``counts["skipped_queries"]`` (``no_negative_images``, ``too_few_negative_texts``, ...).
+        data: what ``load_mmdialog(mmdialog_dir, split, target, check_images=embeddings is
+            None)`` returned, when the caller read it already.
 
     Returns the results dict described in the module docstring.
     """
     t0 = time.perf_counter()
+    if n_negatives < 1:
+        raise ValueError(f"n_negatives must be >= 1 (the negatives per modality of a full pool), "
+                         f"got {n_negatives}")
     given = embeddings is not None
-    queries, skipped = load_mmdialog(mmdialog_dir, split, target, check_images=not given)
+    queries, skipped = (data if data is not None
+                        else load_mmdialog(mmdialog_dir, split, target, check_images=not given))
+    queries, skipped = list(queries), Counter(skipped)
+    with_text = supports_text_retrieval(embedder)
     image_skips: Counter = Counter()
     if embeddings is None:
         embeddings, image_skips = _embed_media(embedder, mmdialog_dir, split, _needed_media(queries))
     table = _MediaTable(embeddings)
-    queries = _prepare_queries(queries, table, given, skipped)
+    queries = _prepare_queries(queries, table, given, skipped, n_negatives, with_text)
 
     u = embedder.embed_queries(_contexts(queries, table)).float().cpu()          # [Q, E]
     _check_dims(u, embeddings.embeds, "the image embeddings")
     images = _Scored.compute(u, embeddings.embeds, _image_pools(queries, table))
-    with_text = supports_text_retrieval(embedder)
     text_table, text_pools = _text_pools(queries)
     texts = None
     if with_text:
@@ -559,7 +609,7 @@ def evaluate_mmdialog(embedder: Embedder, mmdialog_dir: str | Path, *, split: st
         "cross_modal_consistency": consistency,
     }
     counts = _split_counts(skipped, {"skipped_dialogues": _MMDIALOG_DIALOGUE_REASONS,
-                                     "skipped_queries": _MMDIALOG_QUERY_REASONS
+                                     "skipped_queries": _MMDIALOG_QUERY_REASONS | _MMDIALOG_POOL_REASONS
                                      | {"unreadable_target_image", "empty_context_after_image_drop"}},
                            rest="dropped_elements")
     logger.info("MMDialog: %d queries evaluated, skipped %s", len(queries), dict(skipped))
@@ -573,8 +623,11 @@ def evaluate_mmdialog(embedder: Embedder, mmdialog_dir: str | Path, *, split: st
             "image_threshold": image_threshold,
             "embeddings": "given" if given else "computed from the image files",
             "embeddings_meta": dict(embeddings.meta) if given else None,
-            "pool": "per query: its negatives, then its ground-truth elements; negatives equal "
-                    "to a ground-truth element are removed",
+            "n_negatives": n_negatives,
+            "pool": f"per query: its negatives, then its ground-truth elements; a query with "
+                    f"fewer than {n_negatives} scorable negatives per modality is skipped "
+                    f"(counted in skipped_queries); negatives equal to a ground-truth element "
+                    f"are then removed",
             "ties": "lower pool index ranks first, so ties count against the ground truth",
             "overall": "recall over all ground-truth elements of both modalities",
             "score": "cosine (dot product of L2-normalised embeddings)", "ranks": "1-based",

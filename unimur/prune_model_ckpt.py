@@ -18,12 +18,14 @@ if __package__ in (None, ""):  # `python unimur/prune_model_ckpt.py`: import the
 
 import argparse
 import logging
+import sys
 from pathlib import Path
 
 import torch
 
 from unimur.checkpoint import load_checkpoint
 from unimur.config import Config, ModelConfig
+from unimur.errors import explain_backbone_errors, run_cli
 from unimur.model import UniMuR
 from unimur.pretrained import save_pretrained
 from unimur.tokenizer import build_tokenizer
@@ -52,11 +54,19 @@ def trainable_weights(state: dict[str, torch.Tensor], config: ModelConfig, sourc
     return state
 
 
+# The backbones are named by the checkpoint's config (the architecture and the tokenizer are read).
+BACKBONE_FIXES = {"llm": "the checkpoint's config names it (model.llm): make it available in the "
+                         "local cache, where the run was trained",
+                  "visual": "the checkpoint's config names it (model.visual_model): make it "
+                            "available in the local cache, where the run was trained"}
+
+
 def prune(ckpt_path: str | Path, output: str | Path) -> Path:
-    ckpt = load_checkpoint(ckpt_path)
+    ckpt = load_checkpoint(ckpt_path)  # a FROMAGe or non-tensor file is refused here, in one line
     config = Config.from_dict(ckpt["config"])
-    state = trainable_weights(ckpt["model"], config.model, str(ckpt_path))
-    tokenizer, ret_id = build_tokenizer(config.model.llm)
+    with explain_backbone_errors(config.model.llm, config.model.visual_model, BACKBONE_FIXES):
+        state = trainable_weights(ckpt["model"], config.model, str(ckpt_path))
+        tokenizer, ret_id = build_tokenizer(config.model.llm)
     out = save_pretrained(config.model, state, tokenizer, ret_id, output)
     size = sum(p.stat().st_size for p in Path(out).rglob("*") if p.is_file())
     logger.info("wrote %s: %d tensors, %s parameters, %.2f MB on disk", out, len(state),
@@ -74,4 +84,4 @@ def main(argv=None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))  # expected failures: one `error: ...` line

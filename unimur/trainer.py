@@ -28,8 +28,8 @@ from tqdm import tqdm
 
 from . import distributed as dist_utils
 from .backbones import ImageFeatures, square_input_size
-from .checkpoint import (BEST, LATEST, atomic_torch_save, load_checkpoint, remove_stale_temp_files,
-                         resolve_resume, rng_state, set_rng_state)
+from .checkpoint import (BEST, LATEST, load_checkpoint, remove_stale_temp_files, resolve_resume,
+                         rng_state, save_checkpoint, set_rng_state)
 from .config import Config
 from .data import CaptionCollator, SkipCounter, build_cc3m_datasets, is_empty_batch
 from .feature_cache import build_cached_cc3m_dataset
@@ -38,6 +38,7 @@ from .metric_log import MetricLogger
 from .model import UniMuR
 from .packing import CAPTIONING, concat_this_batch
 from .retrieval import ranks_of_positives, recall_metrics
+from .run_folder import write_record
 from .sampling import GlobalBatchSampler
 
 logger = logging.getLogger(__name__)
@@ -99,8 +100,9 @@ class Trainer:
         self.train_data = self._dataset("train")  # TSV-level skips are logged by the reader
         self.val_data = self._dataset("val")
         self.collate = CaptionCollator(self.model.tokenizer, cfg.data.max_len, self.model.ret_id)
-        self.metrics = MetricLogger(self.run_dir if dist_utils.is_main_process() else None)
+        self._metrics: MetricLogger | None = None  # opened on first use: see `metrics`
         self._stop_signal: int | None = None
+        self._saved_step: dict[str, int] = {}  # checkpoint name -> step it holds
 
         if dist_utils.is_main_process():
             remove_stale_temp_files(self.run_dir)
@@ -117,6 +119,14 @@ class Trainer:
             group.setdefault("initial_lr", group["lr"])
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(self.cfg), last_epoch=step - 1)
         logger.info("starting at epoch %d (step %d)", self.cfg.train.start_epoch, step)
+
+    @property
+    def metrics(self) -> MetricLogger:
+        # Opened lazily: building the trainer reads every input, and the run folder is only
+        # created (by launch) once that has succeeded.
+        if self._metrics is None:
+            self._metrics = MetricLogger(self.run_dir if dist_utils.is_main_process() else None)
+        return self._metrics
 
     # ------------------------------------------------------------------ setup
 
@@ -210,7 +220,8 @@ class Trainer:
             self._save(LATEST)
             logger.warning("stopped by signal %d at step %d; checkpoint saved, resume with --resume latest",
                            self._stop_signal, self.state.step)
-        self.metrics.close()
+        if self._metrics is not None:
+            self._metrics.close()
         return self.state
 
     def train_epoch(self, epoch: int) -> None:
@@ -365,7 +376,8 @@ class Trainer:
             "rng": rng_state(),
             "world_size": self.world,
         }
-        atomic_torch_save(ckpt, self.run_dir / name)
+        save_checkpoint(ckpt, self.run_dir / name, previous_step=self._saved_step.get(name))
+        self._saved_step[name] = self.state.step
 
     def _load(self, path: Path) -> None:
         ckpt = load_checkpoint(path)
@@ -380,6 +392,10 @@ class Trainer:
         self.scaler.load_state_dict(ckpt["scaler"])
         self.state = TrainState(**ckpt["state"])
         set_rng_state(ckpt["rng"])
+        if path.parent.resolve() == self.run_dir.resolve():  # what the run folder's files hold
+            self._saved_step[path.name] = self.state.step
+            if self.state.best_step >= 0:
+                self._saved_step[BEST] = self.state.best_step
         logger.info("resumed from %s at step %d", path, self.state.step)
 
     # ---------------------------------------------------------------- signals
@@ -413,7 +429,8 @@ def _retrieval_metrics(name: str, queries: torch.Tensor, index: torch.Tensor) ->
 
 
 def write_run_info(run_dir: Path, cfg: Config, argv: list[str], model: UniMuR) -> None:
-    """config.json, the command line and parameter counts, in the run folder (rank 0)."""
+    """config.json, the command line, parameter counts (params.json, param_count.txt) and the
+    code's git state (git_info.txt), in the run folder (rank 0)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg.save(run_dir / "config.json")
     (run_dir / "command.txt").write_text(" ".join([sys.executable, *argv]) + "\n")
@@ -421,4 +438,5 @@ def write_run_info(run_dir: Path, cfg: Config, argv: list[str], model: UniMuR) -
     frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
     info = {"trainable_total": sum(trainable.values()), "frozen_total": frozen, "trainable": trainable}
     (run_dir / "params.json").write_text(json.dumps(info, indent=2) + "\n")
+    write_record(run_dir, model)
     logger.info("trainable parameters: %s (frozen: %s)", f"{info['trainable_total']:,}", f"{frozen:,}")
