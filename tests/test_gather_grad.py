@@ -1,6 +1,5 @@
 """The cross-rank contrastive gradient: exact (2 processes == 1 process) and FROMAGe's gather
 (2 processes == 1 process / 2), each checked against a single-process run on the whole batch."""
-import os
 import socket
 
 import pytest
@@ -51,7 +50,6 @@ def free_port() -> int:
 def two_process_grad(mode):
     ctx = mp.get_context("spawn")
     out = ctx.SimpleQueue()
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
     mp.start_processes(_worker, args=(2, free_port(), mode, out), nprocs=2, start_method="spawn", join=True)
     return torch.from_numpy(out.get())
 
