@@ -1,0 +1,470 @@
+"""MMDialog multimodal response retrieval with per-dialogue pools (paper Table 1; SPEC section 4).
+Results format: `unimur.evaluation`."""
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor
+
+from .embeddings import ImageEmbeddings
+from .eval_core import (EXAMPLE_TOP_K, N_EXAMPLES, _add, _check_dims, _ranked, _split_counts, _timing,
+                        _valid, supports_text_retrieval)
+from .mmdialog import MMDialogQuery, load_mmdialog, media_path
+from .retrieval import ranks_in_pools, recall_metrics
+from .retriever import Embedder
+
+logger = logging.getLogger(__name__)
+
+# Gathered pool embeddings scored at once: [chunk, P, E] floats (~128 MB at this size).
+_GATHER_ELEMENTS = 1 << 25
+# MMDialog reader reasons by what they remove.
+_MMDIALOG_DIALOGUE_REASONS = {"too_few_turns", "malformed_dialogue", "malformed_json_line"}
+_MMDIALOG_QUERY_REASONS = {"empty_target_turn", "missing_target_image", "empty_context"}
+# Queries whose candidate pool is smaller than the protocol's (see _short_pool).
+_MMDIALOG_POOL_REASONS = {f"{n}_negative_{m}" for n in ("no", "too_few") for m in ("images", "texts")}
+# MMDialog's protocol: 999 negative texts and 999 negative images per dialogue (SPEC section 4).
+MMDIALOG_NEGATIVES = 999
+
+
+@dataclass
+class _Pools:
+    """Per-query candidate pools padded to a common width P.
+
+    index:    [Q, P] int64 row of each candidate in its embedding table (0 at padding).
+    positive: [Q, P] bool, True at ground-truth elements (the last columns of each pool).
+    valid:    [Q, P] bool, False at padding.
+    """
+
+    index: Tensor
+    positive: Tensor
+    valid: Tensor
+
+    @classmethod
+    def build(cls, negatives: Sequence[Sequence[int]], positives: Sequence[Sequence[int]]
+              ) -> "_Pools":
+        """Pools laid out as negatives then positives (ties count against the positives)."""
+        rows = [list(n) + list(p) for n, p in zip(negatives, positives)]
+        width = max((len(r) for r in rows), default=0)
+        index = torch.zeros(len(rows), width, dtype=torch.long)
+        positive = torch.zeros(len(rows), width, dtype=torch.bool)
+        valid = torch.zeros(len(rows), width, dtype=torch.bool)
+        for q, (row, pos) in enumerate(zip(rows, positives)):
+            index[q, :len(row)] = torch.tensor(row, dtype=torch.long)
+            valid[q, :len(row)] = True
+            positive[q, len(row) - len(pos):len(row)] = True
+        return cls(index, positive, valid)
+
+    def sizes(self) -> dict[str, float]:
+        n = self.valid.sum(dim=1).float()
+        if n.numel() == 0:
+            return {"min": 0, "mean": 0.0, "max": 0}
+        return {"min": int(n.min()), "mean": round(float(n.mean()), 2), "max": int(n.max())}
+
+
+@torch.no_grad()
+def _pool_scores(u: Tensor, table: Tensor, pools: _Pools) -> Tensor:
+    """Cosine of each query with each of its pool's candidates.
+
+    Args:
+        u: [Q, E] normalised query embeddings.
+        table: [N, E] normalised candidate embeddings; ``pools.index`` points into it.
+    Returns:
+        [Q, P] float32 scores, -inf at padding. Computed by gathering [chunk, P, E] candidate
+        rows (pools are per query, so a shared [Q, N] matrix would mostly be wasted work).
+    """
+    q_total, width = pools.index.shape
+    out = torch.full((q_total, width), float("-inf"))
+    if width == 0 or q_total == 0:
+        return out
+    chunk = max(1, _GATHER_ELEMENTS // (width * table.shape[1]))
+    for s in range(0, q_total, chunk):
+        rows = table[pools.index[s:s + chunk]].float()                  # [c, P, E]
+        out[s:s + chunk] = torch.einsum("ce,cpe->cp", u[s:s + chunk].float(), rows)
+    return out.masked_fill_(~pools.valid, float("-inf"))
+
+
+class _MediaTable:
+    """Media key -> row of an :class:`ImageEmbeddings`.
+
+    Ids are matched exactly, or by file stem when the file stores paths (FROMAGe's pickle keeps
+    ``paths``; a MMDialog path ``test/<key>.jpg`` has the media key as its stem).
+    """
+
+    def __init__(self, embeddings: ImageEmbeddings):
+        self.embeddings = embeddings
+        self.rows = embeddings.position()
+        stems: dict[str, int] = {}
+        for i, key in enumerate(embeddings.ids):
+            if "." not in key and "/" not in key:
+                continue  # a bare media key (the usual case): no Path() per id over ~1M ids
+            stem = Path(key).stem
+            if stem != key and stem not in self.rows:
+                stems.setdefault(stem, i)
+        self.rows.update(stems)
+
+    def row(self, key: str) -> int | None:
+        return self.rows.get(key)
+
+
+def _needed_media(queries: Sequence[MMDialogQuery]) -> list[str]:
+    """Every distinct media key the queries use (context, target, negatives), first-seen order."""
+    keys: dict[str, None] = {}
+    for q in queries:
+        for kind, value in q.context:
+            if kind == "image":
+                keys[value] = None
+        keys.update(dict.fromkeys(q.gt_media_keys))
+        keys.update(dict.fromkeys(q.negative_media_keys))
+    return list(keys)
+
+
+def _embed_media(embedder: Embedder, mmdialog_dir: str | Path, split: str, keys: list[str]
+                 ) -> tuple[ImageEmbeddings, Counter]:
+    """Embed every needed image file once; unreadable ones come back in the Counter."""
+    paths = [media_path(mmdialog_dir, split, k) for k in keys]
+    logger.info("MMDialog: embedding %d distinct images", len(paths))
+    return embedder.embed_images(paths, ids=keys)
+
+
+def _resolve_query(q: MMDialogQuery, table: _MediaTable, given: bool, dropped: Counter
+                   ) -> MMDialogQuery | None:
+    """Drop media the table lacks: context images and negatives are counted, a missing target
+    drops the query (embedded here) or is returned as None for the caller to report (given file).
+    """
+    missing = "not_in_embeddings" if given else "unreadable"
+    context = []
+    for kind, value in q.context:
+        if kind == "image" and table.row(value) is None:
+            dropped[f"context_image_{missing}"] += 1
+            continue
+        context.append((kind, value))
+    negatives = [k for k in q.negative_media_keys if table.row(k) is not None]
+    _add(dropped, f"negative_image_{missing}", len(q.negative_media_keys) - len(negatives))
+    if any(table.row(k) is None for k in q.gt_media_keys):
+        return None
+    return replace(q, context=context, negative_media_keys=negatives)
+
+
+def _without_gt_duplicates(q: MMDialogQuery, dropped: Counter) -> MMDialogQuery:
+    """Negatives identical to a ground-truth element are not negatives: retrieving one is
+    retrieving the right answer, and as an exact tie it would otherwise count against it."""
+    gt_t, gt_m = set(q.gt_texts), set(q.gt_media_keys)
+    texts = [t for t in q.negative_texts if t not in gt_t]
+    keys = [k for k in q.negative_media_keys if k not in gt_m]
+    _add(dropped, "negative_text_equal_to_gt", len(q.negative_texts) - len(texts))
+    _add(dropped, "negative_image_equal_to_gt", len(q.negative_media_keys) - len(keys))
+    return replace(q, negative_texts=texts, negative_media_keys=keys)
+
+
+def _short_pool(q: MMDialogQuery, n_negatives: int, with_text: bool) -> str | None:
+    """Why ``q``'s candidate pool is smaller than the protocol's, or None if it is not.
+
+    A pool of only the ground truth is a free rank-1 hit and a short pool an easier one, so
+    such queries are skipped and counted rather than scored as if their pool were full. The
+    text pool only counts when the model retrieves texts.
+    """
+    pools = [("images", q.negative_media_keys)] + ([("texts", q.negative_texts)] if with_text else [])
+    for modality, negatives in pools:
+        if len(negatives) < n_negatives:
+            return f"{'no' if not negatives else 'too_few'}_negative_{modality}"
+    return None
+
+
+def _prepare_queries(queries: list[MMDialogQuery], table: _MediaTable, given: bool,
+                     skipped: Counter, n_negatives: int, with_text: bool) -> list[MMDialogQuery]:
+    """Resolve media and clean pools; queries that cannot be scored are counted in ``skipped``.
+
+    The pool-size rule counts a query's negatives that can be scored (non-empty texts, images
+    with a file or an embedding), before negatives equal to a ground-truth element are removed
+    (those are correct answers, not a smaller pool).
+    """
+    out, missing_targets = [], []
+    for q in queries:
+        resolved = _resolve_query(q, table, given, skipped)
+        if resolved is None:
+            if given:
+                missing_targets += [k for k in q.gt_media_keys if table.row(k) is None]
+            else:
+                skipped["unreadable_target_image"] += 1
+            continue
+        if not resolved.context:
+            skipped["empty_context_after_image_drop"] += 1
+            continue
+        short = _short_pool(resolved, n_negatives, with_text)
+        if short is not None:
+            skipped[short] += 1
+            continue
+        out.append(_without_gt_duplicates(resolved, skipped))
+    if missing_targets:
+        raise ValueError(
+            f"{len(missing_targets)} ground-truth media keys are not in the embedding file "
+            f"(e.g. {missing_targets[:3]}): it does not cover this split; re-run "
+            f"unimur/extract_vis_emb.py over it, or omit --embeddings to embed the images now")
+    n_short = sum(skipped[r] for r in _MMDIALOG_POOL_REASONS)
+    hint = ("a set with fewer negatives per dialogue states its size with --n-negatives (the "
+            "synthetic sets: the --n-negatives they were generated with)")
+    if not out:
+        raise ValueError(f"no MMDialog query left to evaluate (skipped: {dict(skipped)})"
+                         + (f"; {n_short} pools are smaller than {n_negatives} negatives per "
+                            f"modality: {hint}" if n_short else ""))
+    if n_short:
+        logger.warning("MMDialog: %d queries skipped, not scored: their candidate pools hold fewer "
+                       "than %d negatives per modality (%s); %s", n_short, n_negatives,
+                       {r: skipped[r] for r in sorted(_MMDIALOG_POOL_REASONS) if skipped[r]}, hint)
+    return out
+
+
+def _contexts(queries: Sequence[MMDialogQuery], table: _MediaTable) -> list[list]:
+    """Context pieces for ``embed_queries``: text as ``str``, images as their W_cap input feature."""
+    caps = table.embeddings.cap_features
+    if caps is None and any(kind == "image" for q in queries for kind, _ in q.context):
+        raise ValueError("the image embeddings carry no cap_features (W_cap inputs), so context "
+                         "images cannot be fed to the LLM; recompute them with "
+                         "unimur/extract_vis_emb.py")
+    return [[value if kind == "text" else caps[table.row(value)] for kind, value in q.context]
+            for q in queries]
+
+
+def _text_pools(queries: Sequence[MMDialogQuery]) -> tuple[list[str], _Pools]:
+    """Distinct texts (each embedded once: negatives repeat across dialogues) and the pools."""
+    texts: dict[str, int] = {}
+    for q in queries:
+        for t in (*q.negative_texts, *q.gt_texts):
+            texts.setdefault(t, len(texts))
+    pools = _Pools.build([[texts[t] for t in q.negative_texts] for q in queries],
+                         [[texts[t] for t in q.gt_texts] for q in queries])
+    return list(texts), pools
+
+
+def _image_pools(queries: Sequence[MMDialogQuery], table: _MediaTable) -> _Pools:
+    return _Pools.build([[table.row(k) for k in q.negative_media_keys] for q in queries],
+                        [[table.row(k) for k in q.gt_media_keys] for q in queries])
+
+
+@dataclass
+class _Scored:
+    """One modality's scores and ranks.
+
+    scores: [Q, P] (-inf at padding); ranks: [num gt elements] aligned with
+    ``pools.positive.nonzero()``; top_score / top_col: [Q] best score and its pool column.
+    """
+
+    pools: _Pools
+    scores: Tensor
+    ranks: Tensor
+    top_score: Tensor
+    top_col: Tensor
+
+    @classmethod
+    def compute(cls, u: Tensor, table: Tensor, pools: _Pools) -> "_Scored":
+        scores = _pool_scores(u, table, pools)
+        ranks = ranks_in_pools(scores, pools.positive, pools.valid)
+        if scores.shape[1]:
+            top_score, top_col = scores.max(dim=1)  # first maximum: ties -> lower column
+        else:
+            top_score = torch.full((scores.shape[0],), float("-inf"))
+            top_col = torch.zeros(scores.shape[0], dtype=torch.long)
+        return cls(pools, scores, ranks, top_score, top_col)
+
+    def has_output(self) -> Tensor:
+        """[Q] bool: the pool is not empty, so there is a top-1 to output."""
+        return self.pools.valid.any(dim=1)
+
+    def top_rows(self) -> Tensor:
+        """[Q] table row of each query's top-1 candidate (meaningless where not has_output)."""
+        return self.pools.index.gather(1, self.top_col[:, None])[:, 0]
+
+    def ranks_per_query(self) -> list[list[int]]:
+        rows = self.pools.positive.nonzero()[:, 0].tolist()
+        out: list[list[int]] = [[] for _ in range(self.scores.shape[0])]
+        for r, rank in zip(rows, self.ranks.tolist()):
+            out[r].append(rank)
+        return out
+
+
+def _image_outputs(images: _Scored, threshold: float | None) -> Tensor:
+    """[Q] bool: whether the system outputs an image.
+
+    UniMuR always outputs both modalities (when the pool has an image); with a threshold it
+    outputs one only when its best image scores above it.
+    """
+    out = images.has_output()
+    if threshold is not None:
+        out &= images.top_score > threshold
+    return out
+
+
+def _consistency(embedder: Embedder, embeddings: ImageEmbeddings, images: _Scored,
+                 image_out: Tensor, text_table: list[str], texts: _Scored) -> tuple[float | None, int]:
+    """Mean CLIP cosine between the top-1 image (CLIP-V) and top-1 text (CLIP-T) of each query
+    that outputs both; (None, 0) when there is no such query or no CLIP-V embedding."""
+    both = image_out & texts.has_output()
+    if embeddings.clip_embeds is None or not bool(both.any()):
+        return None, 0
+    idx = both.nonzero()[:, 0]
+    clip_v = embeddings.clip_embeds[images.top_rows()[idx]].float().cpu()          # [n, Dv]
+    top_texts = [text_table[int(r)] for r in texts.top_rows()[idx]]
+    clip_t = embedder.clip_text_embeds(top_texts).float().cpu()                     # [n, Dv]
+    return float((clip_v * clip_t).sum(dim=1).mean()), int(idx.numel())
+
+
+def evaluate_mmdialog(embedder: Embedder, mmdialog_dir: str | Path, *, split: str = "test",
+                      target: str = "last", embeddings: ImageEmbeddings | None = None,
+                      image_threshold: float | None = None, n_examples: int = N_EXAMPLES,
+                      n_negatives: int = MMDIALOG_NEGATIVES,
+                      data: tuple[list[MMDialogQuery], Counter] | None = None) -> dict[str, Any]:
+    """MMDialog multimodal response retrieval (SPEC section 4).
+
+    Args:
+        embedder: the model (or a stub) behind the :class:`Embedder` interface.
+        mmdialog_dir: folder holding ``<split>/conversations.json`` and the images.
+        target: "last" (the paper) or "every" turn after the first.
+        embeddings: precomputed image embeddings (``unimur/extract_vis_emb.py``); when None,
+            every needed image is embedded now. Keys missing from a given file: context images
+            and negatives are dropped and counted, a ground-truth image is an error.
+        image_threshold: output an image only when the best image scores above it (cosine);
+            None = UniMuR's rule of always outputting both modalities.
+        n_negatives: the protocol's pool size, negatives per modality (999 in MMDialog); a query
+            whose pool holds fewer (after dropping unusable images) is skipped and counted under
+            ``counts["skipped_queries"]`` (``no_negative_images``, ``too_few_negative_texts``, ...).
+        data: what ``load_mmdialog(mmdialog_dir, split, target, check_images=embeddings is
+            None)`` returned, when the caller read it already.
+
+    Returns the results dict described in the module docstring.
+    """
+    t0 = time.perf_counter()
+    if n_negatives < 1:
+        raise ValueError(f"n_negatives must be >= 1 (the negatives per modality of a full pool), "
+                         f"got {n_negatives}")
+    given = embeddings is not None
+    queries, skipped = (data if data is not None
+                        else load_mmdialog(mmdialog_dir, split, target, check_images=not given))
+    queries, skipped = list(queries), Counter(skipped)
+    with_text = supports_text_retrieval(embedder)
+    image_skips: Counter = Counter()
+    if embeddings is None:
+        embeddings, image_skips = _embed_media(embedder, mmdialog_dir, split, _needed_media(queries))
+    table = _MediaTable(embeddings)
+    queries = _prepare_queries(queries, table, given, skipped, n_negatives, with_text)
+
+    u = embedder.embed_queries(_contexts(queries, table)).float().cpu()          # [Q, E]
+    _check_dims(u, embeddings.embeds, "the image embeddings")
+    images = _Scored.compute(u, embeddings.embeds, _image_pools(queries, table))
+    text_table, text_pools = _text_pools(queries)
+    texts = None
+    if with_text:
+        text_embeds = embedder.embed_texts(text_table).float().cpu()               # [N_text, E]
+        _check_dims(u, text_embeds, "the text embeddings")
+        texts = _Scored.compute(u, text_embeds, text_pools)
+
+    image_out = _image_outputs(images, image_threshold)
+    consistency, n_pairs = (_consistency(embedder, embeddings, images, image_out, text_table, texts)
+                            if texts is not None else (None, 0))
+    notes = _mmdialog_notes(with_text, embeddings, consistency)
+    metrics = {
+        "text": recall_metrics(texts.ranks) if texts is not None else None,
+        "image": recall_metrics(images.ranks),
+        "overall": recall_metrics(torch.cat([texts.ranks, images.ranks])) if texts is not None else None,
+        "image_retrieval_rate": float(image_out.float().mean()),
+        "cross_modal_consistency": consistency,
+    }
+    counts = _split_counts(skipped, {"skipped_dialogues": _MMDIALOG_DIALOGUE_REASONS,
+                                     "skipped_queries": _MMDIALOG_QUERY_REASONS | _MMDIALOG_POOL_REASONS
+                                     | {"unreadable_target_image", "empty_context_after_image_drop"}},
+                           rest="dropped_elements")
+    logger.info("MMDialog: %d queries evaluated, skipped %s", len(queries), dict(skipped))
+    return {
+        "benchmark": "mmdialog",
+        "settings": {
+            "split": split, "target": target, "mmdialog_dir": str(mmdialog_dir),
+            "text_retrieval": with_text,
+            "image_output_rule": ("always both modalities" if image_threshold is None
+                                  else f"image only when top image cosine > {image_threshold}"),
+            "image_threshold": image_threshold,
+            "embeddings": "given" if given else "computed from the image files",
+            "embeddings_meta": dict(embeddings.meta) if given else None,
+            "n_negatives": n_negatives,
+            "pool": f"per query: its negatives, then its ground-truth elements; a query with "
+                    f"fewer than {n_negatives} scorable negatives per modality is skipped "
+                    f"(counted in skipped_queries); negatives equal to a ground-truth element "
+                    f"are then removed",
+            "ties": "lower pool index ranks first, so ties count against the ground truth",
+            "overall": "recall over all ground-truth elements of both modalities",
+            "score": "cosine (dot product of L2-normalised embeddings)", "ranks": "1-based",
+        },
+        "metrics": metrics,
+        "counts": {
+            "queries_evaluated": len(queries),
+            "queries_skipped": (sum(counts["skipped_queries"].values())
+                                + sum(counts["skipped_dialogues"].values())),
+            **counts, "unreadable_images": dict(sorted(image_skips.items())),
+            "gt_texts": int(text_pools.positive.sum()), "gt_images": int(images.pools.positive.sum()),
+            "pool_sizes": {"text": text_pools.sizes(), "image": images.pools.sizes()},
+            "image_outputs": int(image_out.sum()), "consistency_pairs": n_pairs,
+        },
+        "timing": _timing(t0, len(queries)),
+        "examples": _mmdialog_examples(queries, mmdialog_dir, split, table, images, texts,
+                                       text_table, image_out, n_examples),
+        "notes": notes,
+    }
+
+
+def _mmdialog_notes(with_text: bool, embeddings: ImageEmbeddings, consistency: float | None
+                    ) -> list[str]:
+    notes = []
+    if not with_text:
+        notes.append("method=fromage has no text retrieval space: image metrics only (text, "
+                     "overall and cross-modal consistency are not computed)")
+    elif embeddings.clip_embeds is None:
+        notes.append("the image embeddings carry no CLIP-V embeddings: cross-modal consistency "
+                     "is not computed")
+    elif consistency is None:
+        notes.append("no query output both an image and a text: no cross-modal consistency")
+    return notes
+
+
+def _render_context(q: MMDialogQuery) -> str:
+    return " ".join(value if kind == "text" else "[image]" for kind, value in q.context)
+
+
+def _mmdialog_examples(queries: Sequence[MMDialogQuery], mmdialog_dir: str | Path, split: str,
+                       table: _MediaTable, images: _Scored, texts: _Scored | None,
+                       text_table: list[str], image_out: Tensor, n: int) -> list[dict[str, Any]]:
+    """The first ``n`` queries with their top retrieved images and texts."""
+    n = min(n, len(queries))
+    ids = table.embeddings.ids
+    path = lambda key: str(media_path(mmdialog_dir, split, key))  # noqa: E731
+    img_vals, img_cols = _ranked(images.scores[:n], EXAMPLE_TOP_K)
+    image_ranks = images.ranks_per_query()
+    if texts is not None:
+        txt_vals, txt_cols = _ranked(texts.scores[:n], EXAMPLE_TOP_K)
+        text_ranks = texts.ranks_per_query()
+    examples = []
+    for q in range(n):
+        query = queries[q]
+        ex: dict[str, Any] = {
+            "conversation_id": query.conversation_id, "turn_index": query.turn_index,
+            "query": _render_context(query),
+            "context_images": [path(v) for kind, v in query.context if kind == "image"],
+            "gt_texts": list(query.gt_texts), "gt_images": [path(k) for k in query.gt_media_keys],
+            "image_ranks": image_ranks[q], "image_output": bool(image_out[q]),
+            "retrieved_images": [
+                {"id": ids[int(images.pools.index[q, c])],
+                 "path": path(ids[int(images.pools.index[q, c])]), "score": s,
+                 "is_gt": bool(images.pools.positive[q, c])}
+                for s, c in zip(img_vals[q].tolist(), img_cols[q].tolist()) if _valid(s)],
+        }
+        if texts is not None:
+            ex["text_ranks"] = text_ranks[q]
+            ex["retrieved_texts"] = [
+                {"text": text_table[int(texts.pools.index[q, c])], "score": s,
+                 "is_gt": bool(texts.pools.positive[q, c])}
+                for s, c in zip(txt_vals[q].tolist(), txt_cols[q].tolist()) if _valid(s)]
+        examples.append(ex)
+    return examples
