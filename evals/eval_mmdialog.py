@@ -15,6 +15,7 @@ compared) unless --allow-embeddings-mismatch, which the results record.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
@@ -27,6 +28,9 @@ from evals.common import (add_common_args, check_embeddings_model, check_model_d
                           model_info, report, require_path, run_cli)
 from unimur.evaluation import MMDIALOG_NEGATIVES, evaluate_mmdialog  # noqa: E402
 from unimur.mmdialog import TARGETS, conversations_path, load_mmdialog  # noqa: E402
+from unimur.mmdialog_eval import IMAGE_RULES, TEXT_RANKINGS  # noqa: E402
+from unimur.pretrained import read_model_config  # noqa: E402
+from unimur.synthetic import mmdialog_attribute_labels  # noqa: E402
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -53,8 +57,22 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         "are skipped and counted. A smaller set states its own size (a synthetic "
                         "set: the --n-negatives it was generated with); default: %(default)s")
     p.add_argument("--image-threshold", type=float, default=None, metavar="T",
-                   help="output an image only when its cosine exceeds T; default: always output "
-                        "both modalities (UniMuR)")
+                   help="with --image-rule threshold: output an image only when its cosine exceeds T")
+    p.add_argument("--image-rule", choices=IMAGE_RULES, default=None,
+                   help="when an image is output: always (UniMuR), threshold (--image-threshold), "
+                        "ret-token (FROMAGe: only when the model generates [RET] after the context); "
+                        "default: ret-token for a method=fromage model, else always (threshold with "
+                        "--image-threshold)")
+    p.add_argument("--ret-within", type=int, default=0, metavar="N",
+                   help="ret-token: [RET] as the next token or within N further greedy tokens; "
+                        "default: %(default)s")
+    p.add_argument("--text-ranking", choices=TEXT_RANKINGS, default=None,
+                   help="embedding (UniMuR: cosine with u) or likelihood (FROMAGe: log p(text | "
+                        "context) under the frozen LLM); default: likelihood for a method=fromage "
+                        "model (it has no text space), else embedding")
+    p.add_argument("--attribute-labels", default=None, metavar="META.json",
+                   help="labels for the attribute consistency (a synthetic set's meta.json); "
+                        "default: <mmdialog-dir>/../meta.json when it is a synthetic set's")
     return p.parse_args(argv)
 
 
@@ -77,11 +95,22 @@ def main(argv: Sequence[str] | None = None) -> dict:
         embeddings = load_image_embeddings(args.embeddings, allow_pickle=args.allow_pickle)
         embeddings_check = check_embeddings_model(embeddings, args.embeddings, args.model_dir,
                                                   args.allow_embeddings_mismatch)
+    fromage = read_model_config(args.model_dir).method == "fromage"  # FROMAGe's own inference rules
+    image_rule = args.image_rule or ("threshold" if args.image_threshold is not None
+                                     else "ret-token" if fromage else "always")
+    text_ranking = args.text_ranking or ("likelihood" if fromage else "embedding")
+    if (image_rule == "threshold") != (args.image_threshold is not None):
+        raise ValueError("--image-threshold goes with --image-rule threshold (and only with it)")
+    labels_path = args.attribute_labels or _synthetic_meta(args.mmdialog_dir)
+    labels = mmdialog_attribute_labels(labels_path) if labels_path else None
     embedder = load_embedder(args.model_dir, args.device, args.batch_size, args.num_workers,
                              progress=not args.no_progress)
     results = evaluate_mmdialog(embedder, args.mmdialog_dir, split=args.split, target=args.target,
                                 embeddings=embeddings, image_threshold=args.image_threshold,
-                                n_negatives=args.n_negatives, data=data)
+                                n_negatives=args.n_negatives, data=data, image_rule=image_rule,
+                                text_ranking=text_ranking, ret_within=args.ret_within,
+                                attribute_labels=labels)
+    results["settings"]["attribute_labels"] = str(labels_path) if labels_path else None
     results["settings"]["embeddings_file"] = str(Path(args.embeddings).resolve()) if args.embeddings else None
     results["settings"]["embeddings_check"] = embeddings_check
     if embeddings_check and "note" in embeddings_check:
@@ -89,6 +118,17 @@ def main(argv: Sequence[str] | None = None) -> dict:
     results["model"] = model_info(args.model_dir, embedder)
     print(report(results, args.output, args.examples_png))
     return results
+
+
+def _synthetic_meta(mmdialog_dir: str) -> Path | None:
+    """A synthetic set's meta.json beside its MMDialog folder (it knows what each image shows)."""
+    meta = Path(mmdialog_dir).resolve().parent / "meta.json"
+    if not meta.is_file():
+        return None
+    try:
+        return meta if "generator_version" in json.loads(meta.read_text()) else None
+    except ValueError:
+        return None
 
 
 if __name__ == "__main__":

@@ -56,12 +56,19 @@ def _table_mmdialog(r: Mapping[str, Any]) -> list[str]:
     if skipped:  # say why, so that a pool-size or data problem is seen next to the numbers
         rule = f" (full pool: {s['n_negatives']} negatives per modality)" if "n_negatives" in s else ""
         lines.append("skipped: " + ", ".join(f"{r} {n}" for r, n in sorted(skipped.items())) + rule)
-    lines += _metric_rows("modality", [("text", m["text"]), ("image", m["image"]),
-                                       ("overall", m["overall"])])
+    rows = [("text", m["text"])]
+    if m.get("text_sum_loglik") is not None:
+        rows.append(("text (sum loglik)", m["text_sum_loglik"]))
+    lines += _metric_rows("modality", rows + [("image", m["image"]), ("overall", m["overall"])])
+    if s.get("text_ranking"):
+        lines.append(f"text ranking: {s['text_ranking']}")
     lines.append(f"image retrieval rate: {_fmt(m['image_retrieval_rate'], '.4f')} "
                  f"({s['image_output_rule']})")
     lines.append(f"cross-modal consistency: {_fmt(m['cross_modal_consistency'], '.4f')} "
-                 f"(n={c['consistency_pairs']})")
+                 f"(n={c['consistency_pairs']}, CLIP cosine)")
+    if m.get("attribute_consistency") is not None:
+        lines.append(f"attribute consistency: {_fmt(m['attribute_consistency'], '.4f')} "
+                     f"(n={c.get('attribute_consistency_pairs', 0)}, synthetic labels)")
     return lines
 
 

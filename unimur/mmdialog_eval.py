@@ -263,7 +263,12 @@ class _Scored:
 
     @classmethod
     def compute(cls, u: Tensor, table: Tensor, pools: _Pools) -> "_Scored":
-        scores = _pool_scores(u, table, pools)
+        return cls.from_scores(_pool_scores(u, table, pools), pools)
+
+    @classmethod
+    def from_scores(cls, scores: Tensor, pools: _Pools) -> "_Scored":
+        """From [Q, P] scores in pool layout (-inf at padding)."""
+        scores = scores.masked_fill(~pools.valid, float("-inf"))
         ranks = ranks_in_pools(scores, pools.positive, pools.valid)
         if scores.shape[1]:
             top_score, top_col = scores.max(dim=1)  # first maximum: ties -> lower column
@@ -288,16 +293,70 @@ class _Scored:
         return out
 
 
-def _image_outputs(images: _Scored, threshold: float | None) -> Tensor:
-    """[Q] bool: whether the system outputs an image.
+IMAGE_RULES = ("always", "threshold", "ret-token")
+TEXT_RANKINGS = ("embedding", "likelihood")
 
-    UniMuR always outputs both modalities (when the pool has an image); with a threshold it
-    outputs one only when its best image scores above it.
+
+def _image_outputs(images: _Scored, rule: str, threshold: float | None, generated_ret: Tensor | None
+                   ) -> Tensor:
+    """[Q] bool: whether the system outputs an image (always only when the pool has one).
+
+    always: UniMuR's rule, both modalities every time; threshold: only when the best image's
+    cosine exceeds ``threshold``; ret-token: FROMAGe's, only when the model generates [RET]
+    after the context (``generated_ret``).
     """
     out = images.has_output()
-    if threshold is not None:
+    if rule == "threshold":
         out &= images.top_score > threshold
+    elif rule == "ret-token":
+        out &= generated_ret
     return out
+
+
+def _likelihood_texts(embedder: Embedder, contexts: list[list], text_table: list[str], pools: _Pools
+                      ) -> tuple[_Scored, _Scored]:
+    """FROMAGe's text ranking: each query's pool scored by log p(text | context) under the
+    frozen LLM; (mean per token, sum) as two scorings of the same pools."""
+    mean = torch.full(pools.index.shape, float("-inf"))
+    total = mean.clone()
+    for q, context in enumerate(_bar(contexts, "text likelihoods")):
+        cols = pools.valid[q].nonzero()[:, 0]
+        texts = [text_table[int(i)] for i in pools.index[q, cols]]
+        sums, means = embedder.text_log_likelihoods(context, texts)
+        total[q, cols], mean[q, cols] = sums.float(), means.float()
+    return _Scored.from_scores(mean, pools), _Scored.from_scores(total, pools)
+
+
+def _bar(items, desc: str):
+    import sys
+
+    from tqdm import tqdm
+
+    return tqdm(items, desc=desc, file=sys.stderr, dynamic_ncols=True, leave=False,
+                disable=len(items) < 50)
+
+
+def _overall_ranks(texts: _Scored, images: _Scored, image_out: Tensor) -> Tensor:
+    """Ranks of every ground-truth element of both modalities; an image element of a response
+    for which no image is output is a miss (rank: its pool size + 1)."""
+    image_ranks = images.ranks.clone()
+    q_of = images.pools.positive.nonzero()[:, 0]
+    missed = ~image_out[q_of]
+    image_ranks[missed] = images.pools.valid.sum(1)[q_of][missed] + 1
+    return torch.cat([texts.ranks, image_ranks])
+
+
+def _attribute_consistency(labels, embeddings: ImageEmbeddings, images: _Scored, image_out: Tensor,
+                           text_table: list[str], texts: _Scored) -> tuple[float | None, int]:
+    """Share of responses with both outputs whose top-1 text names an object (its attribute
+    tuple) that the top-1 image shows; a text naming nothing counts as inconsistent."""
+    both = (image_out & texts.has_output()).nonzero()[:, 0]
+    if not len(both):
+        return None, 0
+    ids = embeddings.ids
+    hits = [labels.text(text_table[int(texts.top_rows()[q])]) in labels.image(ids[int(images.top_rows()[q])])
+            for q in both.tolist()]
+    return sum(hits) / len(hits), len(hits)
 
 
 def _consistency(embedder: Embedder, embeddings: ImageEmbeddings, images: _Scored,
@@ -317,6 +376,8 @@ def _consistency(embedder: Embedder, embeddings: ImageEmbeddings, images: _Score
 def evaluate_mmdialog(embedder: Embedder, mmdialog_dir: str | Path, *, split: str = "test",
                       target: str = "last", embeddings: ImageEmbeddings | None = None,
                       image_threshold: float | None = None, n_examples: int = N_EXAMPLES,
+                      image_rule: str | None = None, text_ranking: str = "embedding", ret_within: int = 0,
+                      attribute_labels=None,
                       n_negatives: int = MMDIALOG_NEGATIVES,
                       data: tuple[list[MMDialogQuery], Counter] | None = None) -> dict[str, Any]:
     """MMDialog multimodal response retrieval (SPEC section 4).
@@ -328,8 +389,16 @@ def evaluate_mmdialog(embedder: Embedder, mmdialog_dir: str | Path, *, split: st
         embeddings: precomputed image embeddings (``unimur/extract_vis_emb.py``); when None,
             every needed image is embedded now. Keys missing from a given file: context images
             and negatives are dropped and counted, a ground-truth image is an error.
-        image_threshold: output an image only when the best image scores above it (cosine);
-            None = UniMuR's rule of always outputting both modalities.
+        image_threshold: with image_rule="threshold", output an image only when the best image
+            scores above it (cosine).
+        image_rule: "always" (UniMuR: both modalities), "threshold", or "ret-token" (FROMAGe: an
+            image only when greedy decoding after the context yields [RET], as the next token or
+            within ``ret_within`` further tokens); None: "threshold" when a threshold is given,
+            else "always".
+        text_ranking: "embedding" (UniMuR: cosine with u) or "likelihood" (FROMAGe: log p(text |
+            context) under the frozen LLM; mean per token ranks, the sum is reported too).
+        attribute_labels: what each image shows and each text names (the synthetic sets know:
+            `unimur.synthetic.mmdialog_attribute_labels`); adds the attribute consistency.
         n_negatives: the protocol's pool size, negatives per modality (999 in MMDialog); a query
             whose pool holds fewer (after dropping unusable images) is skipped and counted under
             ``counts["skipped_queries"]`` (``no_negative_images``, ``too_few_negative_texts``, ...).
@@ -339,6 +408,12 @@ def evaluate_mmdialog(embedder: Embedder, mmdialog_dir: str | Path, *, split: st
     Returns the results dict described in the module docstring.
     """
     t0 = time.perf_counter()
+    image_rule = image_rule or ("threshold" if image_threshold is not None else "always")
+    if image_rule not in IMAGE_RULES or text_ranking not in TEXT_RANKINGS:
+        raise ValueError(f"image_rule {image_rule!r} / text_ranking {text_ranking!r}: expected one of "
+                         f"{IMAGE_RULES} / {TEXT_RANKINGS}")
+    if (image_rule == "threshold") != (image_threshold is not None):
+        raise ValueError("an image threshold goes with image_rule='threshold' (and only with it)")
     if n_negatives < 1:
         raise ValueError(f"n_negatives must be >= 1 (the negatives per modality of a full pool), "
                          f"got {n_negatives}")
@@ -346,33 +421,42 @@ def evaluate_mmdialog(embedder: Embedder, mmdialog_dir: str | Path, *, split: st
     queries, skipped = (data if data is not None
                         else load_mmdialog(mmdialog_dir, split, target, check_images=not given))
     queries, skipped = list(queries), Counter(skipped)
-    with_text = supports_text_retrieval(embedder)
+    with_text = text_ranking == "likelihood" or supports_text_retrieval(embedder)
     image_skips: Counter = Counter()
     if embeddings is None:
         embeddings, image_skips = _embed_media(embedder, mmdialog_dir, split, _needed_media(queries))
     table = _MediaTable(embeddings)
     queries = _prepare_queries(queries, table, given, skipped, n_negatives, with_text)
 
-    u = embedder.embed_queries(_contexts(queries, table)).float().cpu()          # [Q, E]
+    contexts = _contexts(queries, table)
+    u = embedder.embed_queries(contexts).float().cpu()                            # [Q, E]
     _check_dims(u, embeddings.embeds, "the image embeddings")
     images = _Scored.compute(u, embeddings.embeds, _image_pools(queries, table))
     text_table, text_pools = _text_pools(queries)
-    texts = None
-    if with_text:
+    texts = texts_sum = None
+    if text_ranking == "likelihood":
+        texts, texts_sum = _likelihood_texts(embedder, contexts, text_table, text_pools)
+    elif with_text:
         text_embeds = embedder.embed_texts(text_table).float().cpu()               # [N_text, E]
         _check_dims(u, text_embeds, "the text embeddings")
         texts = _Scored.compute(u, text_embeds, text_pools)
 
-    image_out = _image_outputs(images, image_threshold)
+    generated_ret = embedder.generates_ret(contexts, ret_within) if image_rule == "ret-token" else None
+    image_out = _image_outputs(images, image_rule, image_threshold, generated_ret)
     consistency, n_pairs = (_consistency(embedder, embeddings, images, image_out, text_table, texts)
                             if texts is not None else (None, 0))
-    notes = _mmdialog_notes(with_text, embeddings, consistency)
+    attribute, n_attribute = ((_attribute_consistency(attribute_labels, embeddings, images, image_out,
+                                                      text_table, texts))
+                              if texts is not None and attribute_labels is not None else (None, 0))
+    notes = _mmdialog_notes(with_text, embeddings, consistency, attribute_labels is not None)
     metrics = {
         "text": recall_metrics(texts.ranks) if texts is not None else None,
+        "text_sum_loglik": recall_metrics(texts_sum.ranks) if texts_sum is not None else None,
         "image": recall_metrics(images.ranks),
-        "overall": recall_metrics(torch.cat([texts.ranks, images.ranks])) if texts is not None else None,
+        "overall": recall_metrics(_overall_ranks(texts, images, image_out)) if texts is not None else None,
         "image_retrieval_rate": float(image_out.float().mean()),
         "cross_modal_consistency": consistency,
+        "attribute_consistency": attribute,
     }
     counts = _split_counts(skipped, {"skipped_dialogues": _MMDIALOG_DIALOGUE_REASONS,
                                      "skipped_queries": _MMDIALOG_QUERY_REASONS | _MMDIALOG_POOL_REASONS
@@ -384,9 +468,17 @@ def evaluate_mmdialog(embedder: Embedder, mmdialog_dir: str | Path, *, split: st
         "settings": {
             "split": split, "target": target, "mmdialog_dir": str(mmdialog_dir),
             "text_retrieval": with_text,
-            "image_output_rule": ("always both modalities" if image_threshold is None
-                                  else f"image only when top image cosine > {image_threshold}"),
-            "image_threshold": image_threshold,
+            "image_rule": image_rule,
+            "image_output_rule": {"always": "always both modalities",
+                                  "threshold": f"image only when top image cosine > {image_threshold}",
+                                  "ret-token": f"image only when greedy decoding yields [RET] within "
+                                               f"{ret_within + 1} token(s) (FROMAGe)"}[image_rule],
+            "image_threshold": image_threshold, "ret_within": ret_within,
+            "text_ranking": text_ranking if with_text else None,
+            "text_scoring": ({"embedding": "cosine with the unified embedding u",
+                              "likelihood": "mean per-token log p(text | context) under the frozen LLM "
+                                            "(metrics.text); the summed log-likelihood ranks "
+                                            "metrics.text_sum_loglik"}[text_ranking] if with_text else None),
             "embeddings": "given" if given else "computed from the image files",
             "embeddings_meta": dict(embeddings.meta) if given else None,
             "n_negatives": n_negatives,
@@ -395,7 +487,12 @@ def evaluate_mmdialog(embedder: Embedder, mmdialog_dir: str | Path, *, split: st
                     f"(counted in skipped_queries); negatives equal to a ground-truth element "
                     f"are then removed",
             "ties": "lower pool index ranks first, so ties count against the ground truth",
-            "overall": "recall over all ground-truth elements of both modalities",
+            "overall": "recall over all ground-truth elements of both modalities; an image "
+                       "element of a response with no image output is a miss",
+            "consistency": {"cross_modal": "mean CLIP cosine of the top-1 image (CLIP-V) and top-1 "
+                                           "text (CLIP-T), where both are output and a CLIP pair exists",
+                            "attribute": "share of responses whose top-1 text names an object the "
+                                         "top-1 image shows (synthetic sets' labels)"},
             "score": "cosine (dot product of L2-normalised embeddings)", "ranks": "1-based",
         },
         "metrics": metrics,
@@ -407,6 +504,7 @@ def evaluate_mmdialog(embedder: Embedder, mmdialog_dir: str | Path, *, split: st
             "gt_texts": int(text_pools.positive.sum()), "gt_images": int(images.pools.positive.sum()),
             "pool_sizes": {"text": text_pools.sizes(), "image": images.pools.sizes()},
             "image_outputs": int(image_out.sum()), "consistency_pairs": n_pairs,
+            "attribute_consistency_pairs": n_attribute,
         },
         "timing": _timing(t0, len(queries)),
         "examples": _mmdialog_examples(queries, mmdialog_dir, split, table, images, texts,
@@ -415,15 +513,17 @@ def evaluate_mmdialog(embedder: Embedder, mmdialog_dir: str | Path, *, split: st
     }
 
 
-def _mmdialog_notes(with_text: bool, embeddings: ImageEmbeddings, consistency: float | None
-                    ) -> list[str]:
+def _mmdialog_notes(with_text: bool, embeddings: ImageEmbeddings, consistency: float | None,
+                    labelled: bool = False) -> list[str]:
     notes = []
     if not with_text:
         notes.append("method=fromage has no text retrieval space: image metrics only (text, "
-                     "overall and cross-modal consistency are not computed)")
+                     "overall and cross-modal consistency are not computed; --text-ranking "
+                     "likelihood ranks texts FROMAGe's way)")
     elif embeddings.clip_embeds is None:
-        notes.append("the image embeddings carry no CLIP-V embeddings: cross-modal consistency "
-                     "is not computed")
+        notes.append("the image embeddings carry no CLIP-V embeddings (no joint image-text "
+                     "space): cross-modal consistency is not computed"
+                     + ("; attribute consistency (synthetic labels) is" if labelled else ""))
     elif consistency is None:
         notes.append("no query output both an image and a text: no cross-modal consistency")
     return notes

@@ -113,6 +113,23 @@ class ModelEmbedder:
                 out[i] = u[j]
         return torch.stack(out).float() if out else torch.empty(0, self.model.emb_dim)
 
+    # FROMAGe's inference (`unimur.generative`), for --text-ranking likelihood / --image-rule ret-token
+
+    def text_log_likelihoods(self, context: Sequence[Piece], candidates: Sequence[str]
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sum, mean per token) of log p(candidate | context) under the frozen LLM: (C,), (C,)."""
+        from .generative import candidate_log_likelihoods
+
+        return candidate_log_likelihoods(self.model, context, candidates, batch_size=self.batch_size)
+
+    def generates_ret(self, contexts: Sequence[Sequence[Piece]], within: int = 0) -> torch.Tensor:
+        """(B,) bool: greedy decoding after each context yields [RET] within 1 + `within` tokens."""
+        from .generative import generates_ret
+
+        parts = [generates_ret(self.model, contexts[s : s + self.batch_size], within)
+                 for s in self._bar(range(0, len(contexts), self.batch_size), "[RET] decisions")]
+        return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.bool)
+
     @torch.no_grad()
     def embed_texts(self, texts: Sequence[str]) -> torch.Tensor:
         if self.model.config.method == "fromage":

@@ -554,6 +554,30 @@ def _text_pool() -> tuple[list[str], list[Pair | None]]:
     return texts, pairs
 
 
+@dataclass(frozen=True)
+class AttributeLabels:
+    """What each synthetic MMDialog image shows and each candidate text names, as (colour,
+    shape) pairs: the ground truth of the attribute consistency (evaluation, SPEC section 4)."""
+
+    media: dict[str, frozenset]
+    texts: dict[str, tuple[str, str] | None]
+
+    def image(self, key: str) -> frozenset:
+        return self.media.get(key, frozenset())
+
+    def text(self, text: str) -> tuple[str, str] | None:
+        return self.texts.get(text)
+
+
+def mmdialog_attribute_labels(meta_path: str | Path) -> AttributeLabels:
+    """Labels of a synthetic set from its ``meta.json`` (written by :func:`generate`)."""
+    meta = json.loads(Path(meta_path).read_text())
+    media = {key: frozenset((o["colour"], o["shape"]) for o in m["objects"])
+             for key, m in meta["splits"]["mmdialog"]["media"].items()}
+    texts, pairs = _text_pool()
+    return AttributeLabels(media, dict(zip(texts, pairs)))
+
+
 def max_negatives() -> int:
     """Largest ``n_negatives`` the text pool supports once a target pair is excluded.
 

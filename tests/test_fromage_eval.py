@@ -1,0 +1,132 @@
+"""FROMAGe's inference rules inside the MMDialog evaluation (likelihood text ranking, the
+[RET]-generation image rule, overall R@k with missed images) and the attribute consistency,
+on the hand-built MMDialog fixture of test_evaluation (every rank known), then end to end."""
+import json
+
+import pytest
+import torch
+
+from test_evaluation import (KB, KG, KG2, KR, MM_NEG, assert_metrics, mm_stub, write_mmdialog)
+from unimur.evaluation import evaluate_mmdialog
+
+# scores a FROMAGe-like stub gives each (context keyword, candidate text): higher is likelier
+LOGLIK = {("show me red", "here red"): -1.0, ("green please", "green thing"): -0.5,
+          ("green please", "green stuff"): -2.0}
+
+
+class FromageStub:
+    """No text space; texts by log-likelihood from LOGLIK (else -10 per token); [RET] by table."""
+
+    supports_text = False
+
+    def __init__(self, ret_flags):
+        self.base = mm_stub(supports_text=False)
+        self.ret_flags, self.ret_calls = ret_flags, []
+
+    def __getattr__(self, name):
+        return getattr(self.base, name)
+
+    def text_log_likelihoods(self, context, candidates):
+        key = next((p for p in context if isinstance(p, str)), "")
+        means = torch.tensor([LOGLIK.get((key, c), -10.0) for c in candidates])
+        return means * torch.tensor([len(c.split()) for c in candidates]), means
+
+    def generates_ret(self, contexts, within=0):
+        self.ret_calls.append(within)
+        return torch.tensor(self.ret_flags[: len(contexts)])
+
+
+def test_ret_token_rule_and_overall_counts_missed_images(tmp_path):
+    root = write_mmdialog(tmp_path / "MMDialog")
+    stub = mm_stub()
+    stub.generates_ret = lambda contexts, within=0: torch.tensor([False, True, True])  # A, B, C
+    res = evaluate_mmdialog(stub, root, n_negatives=MM_NEG, image_rule="ret-token", ret_within=2)
+    m = res["metrics"]
+    assert m["image_retrieval_rate"] == pytest.approx(2 / 3)
+    # image ranks are the ranking's own (A 1; C 2, 3) ...
+    assert_metrics(m["image"], 100 / 3, 100, 100, (1 + 1 / 2 + 1 / 3) / 3, 2.0, 3)
+    # ... but overall counts A's image as missed: rank = its pool size (3) + 1
+    ranks = [1, 3, 1, 4, 2, 3]
+    assert_metrics(m["overall"], 100 * 2 / 6, 100, 100, sum(1 / r for r in ranks) / 6, sum(ranks) / 6, 6)
+    assert res["settings"]["image_rule"] == "ret-token" and res["settings"]["ret_within"] == 2
+    assert res["counts"]["consistency_pairs"] == 2  # B (no image gt, but outputs one) and C
+
+
+def test_likelihood_ranks_texts_of_a_model_without_text_space(tmp_path):
+    root = write_mmdialog(tmp_path / "MMDialog")
+    res = evaluate_mmdialog(FromageStub([True, False, True]), root, n_negatives=MM_NEG,
+                            text_ranking="likelihood", image_rule="ret-token")
+    m = res["metrics"]
+    # mean loglik: A "here red" -1 beats negatives (-10): 1; B "more like this" ties the
+    # negatives at -10 and ties count against it: 3; C "green stuff" -2 < "green thing" -0.5: 2
+    assert_metrics(m["text"], 100 / 3, 100, 100, (1 + 1 / 3 + 1 / 2) / 3, 2.0, 3)
+    # sums: A -2 vs -20/-20: 1; B -30 vs -20,-20: 3; C -4 vs -1 (green thing), -20: 2
+    assert_metrics(m["text_sum_loglik"], 100 / 3, 100, 100, (1 + 1 / 3 + 1 / 2) / 3, 2.0, 3)
+    assert m["overall"] is not None and m["image_retrieval_rate"] == pytest.approx(2 / 3)
+    assert res["settings"]["text_ranking"] == "likelihood"
+
+
+class Labels:
+    media = {KR: {("red", "x")}, KB: {("blue", "x")}, KG: {("green", "x")}, KG2: {("green", "y")}}
+    texts = {"here red": ("red", "x"), "blue thing": ("blue", "x"), "green stuff": ("red", "y")}
+
+    def image(self, key):
+        return self.media.get(key, set())
+
+    def text(self, text):
+        return self.texts.get(text)
+
+
+def test_attribute_consistency_on_a_hand_built_case(tmp_path):
+    res = evaluate_mmdialog(mm_stub(), write_mmdialog(tmp_path / "MMDialog"), n_negatives=MM_NEG,
+                            attribute_labels=Labels())
+    # top-1 pairs: A (KR, "here red") same object; B (KB, "blue thing") same; C (KG, "green
+    # stuff") names a red y, the image shows a green x: not consistent
+    assert res["metrics"]["attribute_consistency"] == pytest.approx(2 / 3)
+    assert res["counts"]["attribute_consistency_pairs"] == 3
+
+
+def test_rule_settings_are_checked(tmp_path):
+    root = write_mmdialog(tmp_path / "MMDialog")
+    with pytest.raises(ValueError, match="threshold"):
+        evaluate_mmdialog(mm_stub(), root, n_negatives=MM_NEG, image_rule="threshold")
+    with pytest.raises(ValueError, match="image_rule"):
+        evaluate_mmdialog(mm_stub(), root, n_negatives=MM_NEG, image_rule="sometimes")
+
+
+@pytest.fixture(scope="module")
+def fromage_model_dir(tmp_path_factory, tiny_backbones):
+    from unimur.config import ModelConfig
+    from unimur.model import UniMuR
+    from unimur.pretrained import save_pretrained
+    from unimur.synthetic import generate
+
+    root = tmp_path_factory.mktemp("fromage_e2e")
+    torch.manual_seed(0)
+    config = ModelConfig(method="fromage", target_proj="linear", llm="tiny-opt", visual_model="tiny-clip")
+    model = UniMuR(config, *tiny_backbones)
+    save_pretrained(config, model.trainable_state_dict(), model.tokenizer, model.ret_id, root / "model")
+    paths = generate(root / "data", seed=0, n_train=0, n_val=0, n_visdial=0, n_mmdialog=6,
+                     n_negatives=20, image_size=32)
+    return root / "model", paths
+
+
+def test_fromage_model_fills_every_cell_of_the_mmdialog_table(fromage_model_dir, tmp_path, capsys):
+    from evals import eval_mmdialog
+
+    model_dir, paths = fromage_model_dir
+    out = tmp_path / "r.json"
+    eval_mmdialog.main(["--model-dir", str(model_dir), "--mmdialog-dir", str(paths["mmdialog_dir"]),
+                        "--device", "cpu", "--no-progress", "--n-negatives", "20", "--output", str(out)])
+    table = capsys.readouterr().out
+    r = json.loads(out.read_text())
+    s, m = r["settings"], r["metrics"]
+    # a method=fromage model gets FROMAGe's rules by default
+    assert (s["text_ranking"], s["image_rule"]) == ("likelihood", "ret-token")
+    for key in ("text", "text_sum_loglik", "image", "overall"):
+        assert m[key] is not None and m[key]["n"] > 0, key
+    assert 0 <= m["image_retrieval_rate"] <= 1
+    assert s["attribute_labels"].endswith("meta.json")  # the synthetic set's labels were found
+    if m["image_retrieval_rate"] > 0:
+        assert m["attribute_consistency"] is not None
+    assert "text (sum loglik)" in table and "image retrieval rate" in table
