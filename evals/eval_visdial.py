@@ -35,6 +35,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="query text: the rounds only, or the caption then the rounds; "
                         "default: %(default)s")
     p.add_argument("--rounds", type=int, default=10, help="rounds in the query; default: %(default)s")
+    p.add_argument("--image-rule", choices=("always", "ret-token"), default="always",
+                   help="ret-token: count a dialogue's image as output only when the model generates "
+                        "[RET] after it (FROMAGe), adding the image retrieval rate; default: %(default)s")
+    p.add_argument("--ret-within", type=int, default=0, metavar="N",
+                   help="ret-token: [RET] as the next token or within N further greedy tokens")
     p.add_argument("--image-resize", choices=("crop", "squash"), default="crop",
                    help="crop: the encoder's preprocessing (short side, centre crop); squash: resize "
                         "to the square input first, as FROMAGe's evaluation does (to reproduce its "
@@ -56,7 +61,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     embedder = load_embedder(args.model_dir, args.device, args.batch_size, args.num_workers,
                              progress=not args.no_progress, image_resize=args.image_resize)
     results = evaluate_visdial(embedder, args.visdial_dir, context=args.context,
-                               rounds=args.rounds, split=args.split, data=data)
+                               rounds=args.rounds, split=args.split, data=data,
+                               image_rule=args.image_rule, ret_within=args.ret_within)
     results["settings"]["image_resize"] = args.image_resize
     results["model"] = model_info(args.model_dir, embedder)
     print(report(results, args.output, args.examples_png))

@@ -130,3 +130,17 @@ def test_fromage_model_fills_every_cell_of_the_mmdialog_table(fromage_model_dir,
     if m["image_retrieval_rate"] > 0:
         assert m["attribute_consistency"] is not None
     assert "text (sum loglik)" in table and "image retrieval rate" in table
+
+
+def test_visdial_ret_token_rule(tmp_path):
+    from test_evaluation import vd_stub, write_visdial
+    from unimur.evaluation import evaluate_visdial
+
+    stub = vd_stub()
+    stub.generates_ret = lambda contexts, within=0: torch.tensor([True, False, True, True])
+    res = evaluate_visdial(stub, write_visdial(tmp_path / "VisualDialog"), image_rule="ret-token")
+    m = res["metrics"]
+    # dialogue->image ranks [1, 1, 2, 4]; dialogue 2 outputs no image: a miss, rank 4 + 1
+    assert_metrics(m["dialogue_to_image"], 50, 100, 100, 0.6875, 2.0, 4)
+    assert_metrics(m["dialogue_to_image_output"], 25, 100, 100, (1 + 0.2 + 0.5 + 0.25) / 4, 3.0, 4)
+    assert m["image_retrieval_rate"] == 0.75 and res["settings"]["image_rule"] == "ret-token"

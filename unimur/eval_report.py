@@ -43,8 +43,14 @@ def _table_visdial(r: Mapping[str, Any]) -> list[str]:
     s, c, m = r["settings"], r["counts"], r["metrics"]
     head = (f"VisDial {s['split']} (context={s['context']}, rounds={s['rounds']}): "
             f"{c['dialogues_evaluated']} dialogues evaluated, {c['dialogues_skipped']} skipped")
-    return [head, *_metric_rows("direction", [("dialogue->image", m["dialogue_to_image"]),
-                                              ("image->dialogue", m["image_to_dialogue"])])]
+    rows = [("dialogue->image", m["dialogue_to_image"]), ("image->dialogue", m["image_to_dialogue"])]
+    if "dialogue_to_image_output" in m:
+        rows.append(("dialogue->image, [RET] rule", m["dialogue_to_image_output"]))
+    lines = [head, *_metric_rows("direction", rows)]
+    if "image_retrieval_rate" in m:
+        lines.append(f"image retrieval rate: {_fmt(m['image_retrieval_rate'], '.4f')} "
+                     f"(image only when [RET] is generated)")
+    return lines
 
 
 def _table_mmdialog(r: Mapping[str, Any]) -> list[str]:

@@ -58,18 +58,24 @@ def _visdial_queries(dialogs: list, context: str, rounds: int, skipped: Counter
 
 def evaluate_visdial(embedder: Embedder, visdial_dir: str | Path, *, context: str = "rounds",
                      rounds: int = 10, split: str = "val", n_examples: int = N_EXAMPLES,
-                     data: tuple[list, Counter] | None = None) -> dict[str, Any]:
+                     data: tuple[list, Counter] | None = None, image_rule: str = "always",
+                     ret_within: int = 0) -> dict[str, Any]:
     """VisDial dialogue-to-image retrieval (and image-to-dialogue), SPEC section 4.
 
     The pool is the images of all evaluated dialogues; dialogue ``i``'s positive is image ``i``.
     Dialogues the reader drops, duplicates and dialogues whose image cannot be decoded are
     removed from both queries and pool and counted by reason. ``data`` is what
     ``load_visdial(visdial_dir, split)`` returned, when the caller read it already (the scripts
-    check their data before loading the model).
+    check their data before loading the model). ``image_rule="ret-token"`` (FROMAGe's) outputs
+    an image only for dialogues after which greedy decoding yields [RET] (next token or within
+    ``ret_within`` more): ``image_retrieval_rate`` and ``dialogue_to_image_output`` (a dialogue
+    without an image output is a miss, rank pool size + 1) are then reported too.
 
     Returns the results dict described in the module docstring.
     """
     t0 = time.perf_counter()
+    if image_rule not in ("always", "ret-token"):
+        raise ValueError(f"image_rule must be 'always' or 'ret-token' for VisDial, got {image_rule!r}")
     dialogs, skipped = data if data is not None else load_visdial(visdial_dir, split)
     dialogs, skipped = list(dialogs), Counter(skipped)
     dialogs = _dedupe_images(dialogs, skipped)
@@ -87,13 +93,20 @@ def evaluate_visdial(embedder: Embedder, visdial_dir: str | Path, *, context: st
     if [str(d.image_id) for d in dialogs] != images.ids:  # the Embedder contract; check, never assume
         raise RuntimeError("embed_images returned ids out of input order")
 
-    u = embedder.embed_queries([[q] for q in queries]).float().cpu()   # [D, E]
+    contexts = [[q] for q in queries]
+    u = embedder.embed_queries(contexts).float().cpu()                   # [D, E]
     v = images.embeds.float().cpu()                                      # [D, E]
     _check_dims(u, v, "VisDial images")
     sim = u @ v.T                                                        # [D dialogues, D images]
     positives = torch.arange(len(dialogs))
     d2i = ranks_from_sim(sim, positives)
     i2d = ranks_from_sim(sim.T, positives)
+    metrics = {"dialogue_to_image": recall_metrics(d2i), "image_to_dialogue": recall_metrics(i2d)}
+    if image_rule == "ret-token":
+        shown = embedder.generates_ret(contexts, ret_within).bool()
+        metrics["image_retrieval_rate"] = float(shown.float().mean())
+        metrics["dialogue_to_image_output"] = recall_metrics(
+            torch.where(shown, d2i, torch.full_like(d2i, len(dialogs) + 1)))
 
     counts = _split_counts(skipped, {"skipped_dialogues": _VISDIAL_DIALOGUE_REASONS
                                      | {"duplicate_image_id", "empty_query", "unreadable_image"}},
@@ -107,11 +120,11 @@ def evaluate_visdial(embedder: Embedder, visdial_dir: str | Path, *, context: st
             "pool": "the images of all evaluated dialogues", "pool_size": len(dialogs),
             "score": "cosine (dot product of L2-normalised embeddings)",
             "ties": "lower pool index (file order) ranks first", "ranks": "1-based",
+            "image_rule": image_rule, "ret_within": ret_within,
             "directions": {"dialogue_to_image": "intended direction (SPEC)",
                            "image_to_dialogue": "FROMAGe's released script's direction"},
         },
-        "metrics": {"dialogue_to_image": recall_metrics(d2i),
-                    "image_to_dialogue": recall_metrics(i2d)},
+        "metrics": metrics,
         "counts": {"dialogues_evaluated": len(dialogs),
                    "dialogues_skipped": sum(counts["skipped_dialogues"].values()),
                    **counts, "unreadable_images": dict(sorted(image_skips.items()))},
