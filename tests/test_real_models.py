@@ -153,3 +153,18 @@ def test_squash_resize_is_fromages_whole_image_resize(tiny_model, tmp_path):
     assert not torch.allclose(crop.embeds, expected, atol=1e-3)
     with pytest.raises(ValueError, match="image_resize"):
         ModelEmbedder(tiny_model, image_resize="stretch")
+
+
+def test_dry_run_plans_the_seed_command_without_weights(tmp_path, capsys):
+    import main as main_module
+    from test_trainer import SEED_COMMAND
+
+    argv = [a.replace("exp_log/", f"{tmp_path}/exp_log/") for a in SEED_COMMAND]
+    plan = main_module.main([*argv, "--dry-run", "--nprocs", "4", "--gpu-memory", "32"])
+    assert plan["per_gpu_batch"] == 30  # the seed's 120 over 4 GPUs
+    assert plan["frozen_llm"] == pytest.approx(6.658e9 * 2, rel=1e-3)  # OPT-6.7B in bf16
+    assert plan["trainable_params"] == 7_348_993  # as benchmarks/param_budget.py counts
+    assert plan["host_ram_per_node_peak"] == 4 * (plan["frozen_llm"] + plan["frozen_clip"])
+    out = capsys.readouterr().out
+    assert "per GPU, total" in out and "fits" in out
+    assert not (tmp_path / "exp_log").exists()  # nothing started, no run folder

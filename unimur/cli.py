@@ -24,6 +24,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="processes per node with --multiprocessing-distributed (default: GPU count, 1 on CPU)")
     g.add_argument("--device", default=None, help="force a device (cpu, cuda); default: cuda if available")
     g.add_argument("--gpu", type=int, default=None, help="one process on this GPU id (FROMAGe)")
+    g.add_argument("--dry-run", action="store_true",
+                   help="print the memory plan per GPU and per node (model built on the meta device, "
+                        "no weights, no hub for OPT ids) and exit; GPUs per node: --nprocs, else the "
+                        "ones found, else 1")
+    g.add_argument("--gpu-memory", type=float, default=None, metavar="GIB",
+                   help="--dry-run: judge the plan against this much memory per GPU (default: the GPU found)")
 
     g = p.add_argument_group("model")
     g.add_argument("--method", choices=("unimur", "fromage"), default=M.method,
@@ -199,7 +205,9 @@ def check_flags_take_effect(args: argparse.Namespace, target_proj: str) -> None:
                          "retrieval space, so no TM term)")
     if args.cache_dir is not None and not args.feature_cache:
         raise UsageError("--cache-dir has no effect with --no-feature-cache (nothing is cached)")
-    if args.nprocs is not None and not args.multiprocessing_distributed:
+    if args.gpu_memory is not None and not args.dry_run:
+        raise UsageError("--gpu-memory has no effect without --dry-run")
+    if args.nprocs is not None and not args.multiprocessing_distributed and not args.dry_run:
         raise UsageError("--nprocs has no effect without --multiprocessing-distributed "
                          "(use torchrun's --nproc-per-node for env:// launches)")
 

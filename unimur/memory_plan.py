@@ -1,0 +1,97 @@
+"""`main.py --dry-run`: the memory a run will need, per GPU and per node, before it starts.
+
+The model is built on the meta device from its config (`UniMuR.skeleton`: the OPT family and
+open_clip's ViT configs need no hub), so the plan for OPT-6.7B + ViT-L/14 costs a second and
+no memory. Figures:
+
+* frozen LLM and CLIP weights in their storage dtypes (every rank holds both);
+* trainable parameters, their gradients and AdamW's two moments, all fp32 (16 bytes each);
+* activations of the step, estimated: the captioning pass back-propagates through every LLM
+  layer for every caption token (per layer ``34*s*b*h + 5*a*s^2*b`` bytes at 16 bits, Korthikanti
+  et al. 2022, doubled for fp32); the retrieval pass keeps its caption's key/value cache and
+  back-propagates through one position; logits and their gradient in fp32 at the caption tokens;
+* host RAM per node: each rank reads the LLM's weights into host memory before moving them to
+  its GPU (transformers' loader), so a node holds up to ``ranks per node`` copies at once.
+
+An estimate, not a measurement: allocator fragmentation and CUDA context (~0.5 GB) come on top.
+"""
+from __future__ import annotations
+
+import torch
+
+from .config import Config
+from .model import UniMuR
+
+BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+GIB = 2**30
+
+
+def _n(module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def memory_plan(cfg: Config, ranks_per_node: int, nodes: int = 1) -> dict[str, float]:
+    """Bytes per GPU and per node for `cfg` (see the module docstring); the batch is global."""
+    model = UniMuR.skeleton(cfg.model)
+    llm_cfg = model.llm.config
+    world = ranks_per_node * nodes
+    b = max(1, cfg.train.batch_size // world)                    # per-GPU batch
+    s = cfg.model.n_visual_tokens + cfg.data.max_len             # caption pass length
+    h, layers = llm_cfg.hidden_size, llm_cfg.num_hidden_layers
+    heads = llm_cfg.num_attention_heads
+    act_bytes = BYTES[cfg.train.precision if cfg.train.precision != "fp32" else "fp32"]
+    scale = act_bytes / 2                                        # the formula is for 16-bit
+    caption = 0.0
+    if cfg.train.loss.l_cap:
+        caption = layers * (34 * s * b * h + 5 * heads * s * s * b) * scale
+    retrieval_kv = 2 * layers * b * cfg.data.max_len * h * BYTES[cfg.model.llm_dtype]
+    retrieval_ret = layers * (34 * 1 * b * h + 5 * heads * cfg.data.max_len * b) * scale
+    vocab = model.vocab_size
+    logits = 2 * b * cfg.data.max_len * vocab * 4                # logits + their gradient, fp32
+    trainable = sum(p.numel() for _, p in model.trainable_named_parameters())
+    plan = {
+        "per_gpu_batch": b,
+        "frozen_llm": _n(model.llm) * BYTES[cfg.model.llm_dtype],
+        "frozen_clip": _n(model.encoders) * BYTES[cfg.model.encoder_dtype],
+        "trainable_params": trainable,
+        "trainable_and_adamw": trainable * 16,
+        "activations_caption_pass": caption,
+        "activations_retrieval_pass": retrieval_kv + retrieval_ret,
+        "logits": logits,
+    }
+    plan["per_gpu_total"] = sum(plan[k] for k in ("frozen_llm", "frozen_clip", "trainable_and_adamw",
+                                                   "activations_caption_pass", "activations_retrieval_pass",
+                                                   "logits"))
+    # every rank reads the weights into host memory before moving them to its GPU
+    plan["host_ram_per_node_peak"] = ranks_per_node * (plan["frozen_llm"] + plan["frozen_clip"])
+    return plan
+
+
+def format_plan(plan: dict[str, float], cfg: Config, ranks_per_node: int, nodes: int,
+                gpu_gib: float | None) -> str:
+    rows = [
+        ("frozen LLM weights", plan["frozen_llm"], f"{cfg.model.llm} in {cfg.model.llm_dtype}"),
+        ("frozen CLIP weights", plan["frozen_clip"], f"{cfg.model.visual_model} in {cfg.model.encoder_dtype}"),
+        ("trainable + grads + AdamW", plan["trainable_and_adamw"],
+         f"{plan['trainable_params']:,} parameters x 16 bytes (fp32)"),
+        ("activations, captioning pass", plan["activations_caption_pass"],
+         f"batch {plan['per_gpu_batch']} x {cfg.model.n_visual_tokens + cfg.data.max_len} tokens, every layer"
+         if plan["activations_caption_pass"] else "off (--l-cap 0)"),
+        ("activations, retrieval pass", plan["activations_retrieval_pass"], "caption KV cache + [RET]'s backward"),
+        ("logits and their gradient", plan["logits"], "fp32 at the caption tokens"),
+    ]
+    lines = [f"memory plan (estimate): {nodes} node(s) x {ranks_per_node} GPU(s), global batch "
+             f"{cfg.train.batch_size} -> {plan['per_gpu_batch']} per GPU, precision {cfg.train.precision}"]
+    lines += [f"  {name:32s} {value / GIB:8.2f} GiB   {note}" for name, value, note in rows]
+    lines.append(f"  {'per GPU, total':32s} {plan['per_gpu_total'] / GIB:8.2f} GiB"
+                 + (f"   of {gpu_gib:g} GiB: {'fits' if plan['per_gpu_total'] / GIB < 0.9 * gpu_gib else 'does NOT fit'}"
+                    f" (10% kept for the allocator and CUDA context)" if gpu_gib else ""))
+    lines.append(f"  {'host RAM per node, peak':32s} {plan['host_ram_per_node_peak'] / GIB:8.2f} GiB   "
+                 f"{ranks_per_node} rank(s) each read the frozen weights before moving them to the GPU")
+    return "\n".join(lines)
+
+
+def detected_gpu_gib() -> float | None:
+    if not torch.cuda.is_available():
+        return None
+    return torch.cuda.get_device_properties(0).total_memory / GIB
