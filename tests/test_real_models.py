@@ -164,7 +164,23 @@ def test_dry_run_plans_the_seed_command_without_weights(tmp_path, capsys):
     assert plan["per_gpu_batch"] == 30  # the seed's 120 over 4 GPUs
     assert plan["frozen_llm"] == pytest.approx(6.658e9 * 2, rel=1e-3)  # OPT-6.7B in bf16
     assert plan["trainable_params"] == 7_348_993  # as benchmarks/param_budget.py counts
-    assert plan["host_ram_per_node_peak"] == 4 * (plan["frozen_llm"] + plan["frozen_clip"])
+    assert plan["host_ram_per_node_peak"] == plan["frozen_llm"] + 4 * plan["frozen_clip"]
     out = capsys.readouterr().out
     assert "per GPU, total" in out and "fits" in out
     assert not (tmp_path / "exp_log").exists()  # nothing started, no run folder
+
+
+def test_llm_weights_load_straight_to_a_cuda_device(monkeypatch):
+    """Checked without a GPU: what the loader is asked for (a GPU run exercises it for real)."""
+    from transformers import AutoModelForCausalLM
+
+    from unimur.backbones import load_llm
+
+    calls = []
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained",
+                        lambda name, **kw: calls.append(kw) or torch.nn.Linear(1, 1))
+    load_llm("some/model", "bf16", device=torch.device("cuda", 3))
+    load_llm("some/model", "bf16", device="cpu")
+    load_llm("some/model", "bf16")
+    assert calls[0]["device_map"] == {"": "cuda:3"}
+    assert "device_map" not in calls[1] and "device_map" not in calls[2]

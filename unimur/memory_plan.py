@@ -10,8 +10,9 @@ no memory. Figures:
   layer for every caption token (per layer ``34*s*b*h + 5*a*s^2*b`` bytes at 16 bits, Korthikanti
   et al. 2022, doubled for fp32); the retrieval pass keeps its caption's key/value cache and
   back-propagates through one position; logits and their gradient in fp32 at the caption tokens;
-* host RAM per node: each rank reads the LLM's weights into host memory before moving them to
-  its GPU (transformers' loader), so a node holds up to ``ranks per node`` copies at once.
+* host RAM per node: on GPUs each rank loads the LLM's weights straight onto its device
+  (`backbones.load_llm`: the weight files are memory-mapped, so the node's page cache holds about
+  one copy, shared by its ranks); CLIP is read on the CPU by every rank before its move.
 
 An estimate, not a measurement: allocator fragmentation and CUDA context (~0.5 GB) come on top.
 """
@@ -62,8 +63,8 @@ def memory_plan(cfg: Config, ranks_per_node: int, nodes: int = 1) -> dict[str, f
     plan["per_gpu_total"] = sum(plan[k] for k in ("frozen_llm", "frozen_clip", "trainable_and_adamw",
                                                    "activations_caption_pass", "activations_retrieval_pass",
                                                    "logits"))
-    # every rank reads the weights into host memory before moving them to its GPU
-    plan["host_ram_per_node_peak"] = ranks_per_node * (plan["frozen_llm"] + plan["frozen_clip"])
+    # LLM weights mmapped and streamed to each GPU (one page-cache copy per node); CLIP per rank
+    plan["host_ram_per_node_peak"] = plan["frozen_llm"] + ranks_per_node * plan["frozen_clip"]
     return plan
 
 
@@ -87,7 +88,8 @@ def format_plan(plan: dict[str, float], cfg: Config, ranks_per_node: int, nodes:
                  + (f"   of {gpu_gib:g} GiB: {'fits' if plan['per_gpu_total'] / GIB < 0.9 * gpu_gib else 'does NOT fit'}"
                     f" (10% kept for the allocator and CUDA context)" if gpu_gib else ""))
     lines.append(f"  {'host RAM per node, peak':32s} {plan['host_ram_per_node_peak'] / GIB:8.2f} GiB   "
-                 f"{ranks_per_node} rank(s) each read the frozen weights before moving them to the GPU")
+                 f"LLM weight files mapped once per node, streamed to each GPU; CLIP read by each of "
+                 f"{ranks_per_node} rank(s)")
     return "\n".join(lines)
 
 

@@ -99,9 +99,10 @@ class UniMuR(nn.Module):
     # ------------------------------------------------------------------ building
 
     @classmethod
-    def build(cls, config: ModelConfig) -> "UniMuR":
-        """Load the frozen backbones named in `config` and initialise the trainable layers."""
-        llm = load_llm(config.llm, config.llm_dtype)
+    def build(cls, config: ModelConfig, device: torch.device | str | None = None) -> "UniMuR":
+        """Load the frozen backbones named in `config` and initialise the trainable layers
+        (a CUDA `device`: the LLM's weights load straight onto it; move the rest with .to())."""
+        llm = load_llm(config.llm, config.llm_dtype, device=device)
         encoders = load_encoders(config.visual_model, config.text_model, config.encoder_dtype)
         tokenizer, ret_id = build_tokenizer(config.llm)
         return cls(config, llm, encoders, tokenizer, ret_id)

@@ -83,7 +83,7 @@ class Trainer:
             raise ValueError(f"batch sizes ({t.batch_size}, {t.val_batch_size}) must divide by world size {self.world}")
 
         torch.manual_seed(t.seed)
-        self.model = UniMuR.build(cfg.model).to(device)
+        self.model = UniMuR.build(cfg.model, device=device).to(device)
         _check_image_size(cfg.data.image_size, self.model)
         self.model.train()
         self.ddp = self._wrap_ddp(self.model)
