@@ -20,6 +20,8 @@ def test_ret_loss_scale_scales_lm_and_contrastive_in_fromage_mode():
     (["--shared-emb-dim", "128"], "--shared-emb-dim 128 has no effect with --target-proj none"),
     (["--method", "fromage", "--l-tm", "1"], "no text"),
     (["--no-feature-cache", "--cache-dir", "x"], "--cache-dir has no effect"),
+    (["--no-feature-cache", "--cache-dtype", "fp32"], "--cache-dtype has no effect"),
+    (["--no-feature-cache", "--cache-verify"], "--cache-verify has no effect"),
     (["--nprocs", "2"], "--nprocs has no effect"),
     (["--val-steps-per-epoch", "0"], "val_steps_per_epoch=0"),
 ])
@@ -29,6 +31,13 @@ def test_flags_without_effect_are_refused_in_one_line(argv, reason, capsys):
     assert e.value.code == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert ": error: " in last and reason in last
+
+
+def test_dataset_format_and_cache_flags_reach_the_config():
+    _, cfg = parse_args([])
+    assert (cfg.data.dataset_format, cfg.data.cache_dtype, cfg.data.cache_verify) == ("tsv", None, False)
+    _, cfg = parse_args(["--dataset-format", "wds", "--cache-dtype", "fp32", "--cache-verify"])
+    assert (cfg.data.dataset_format, cfg.data.cache_dtype, cfg.data.cache_verify) == ("wds", "fp32", True)
 
 
 def test_shared_emb_dim_is_accepted_where_it_acts():

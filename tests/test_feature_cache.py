@@ -117,13 +117,14 @@ def test_miss_then_hit_without_encoder_calls(data, encoders, tmp_path, caplog):
     again = load_or_build_feature_cache(rows, enc2, tmp_path / "cache", batch_size=4)
     assert enc2.calls == Counter()  # a hit decodes no image and runs no encoder
     assert "hit" in _messages(caplog)
-    assert again.key == cache.key == cache_key(enc, rows, "fp32")
+    assert again.key == cache.key == cache_key(enc, rows, "fp16")  # half precision by default
+    assert cache.image_embed.dtype == torch.float16
     assert torch.equal(again.image_embed, cache.image_embed)
 
 
 def test_cached_features_equal_direct_encoding(data, encoders, tmp_path):
     _, _, rows = data
-    cache = build_feature_cache(rows, encoders, tmp_path / "cache", batch_size=3)
+    cache = build_feature_cache(rows, encoders, tmp_path / "cache", batch_size=3, dtype="fp32")
     assert cache.num_rows == len(rows) == N_GOOD + len(BAD)
     assert cache.valid.tolist() == [True] * N_GOOD + [False] * len(BAD)
     assert cache.skip_counts() == Counter(BAD.values())
@@ -164,7 +165,7 @@ def test_key_changes_invalidate(data, encoders, tmp_path, caplog):
     caplog.clear()
     cache = load_or_build_feature_cache(rows2, enc, cache_dir)
     assert enc.calls["image"] > 0 and "dataset content changed" in _messages(caplog)
-    torch.testing.assert_close(cache.text_embed[3], encoders.encode_text(['picture "three" of a thing'])[0])
+    torch.testing.assert_close(cache.text_embed[3], encoders.encode_text(['picture "three" of a thing'])[0].half())
 
     # A replaced image file (new size/mtime), same name.
     Image.new("RGB", (30, 30), (1, 2, 3)).save(image_dir / "img0.jpg")
@@ -222,7 +223,7 @@ def test_corrupt_cache_is_rebuilt(data, encoders, tmp_path, caplog, damage, veri
 def test_sharded_build_merges_to_the_single_process_file(data, encoders, tmp_path):
     """The multi-rank path (shard files, rank-0 merge), with the ranks run one after another."""
     _, _, rows = data
-    single = build_feature_cache(rows, encoders, tmp_path / "single", batch_size=4)
+    single = build_feature_cache(rows, encoders, tmp_path / "single", batch_size=4, dtype="fp32")
     parts = fc._key_parts(encoders, rows, "fp32", ImageChecks())
     key = fc._key_from_parts(parts)
     out = tmp_path / "sharded"
@@ -244,7 +245,8 @@ def test_sharded_build_merges_to_the_single_process_file(data, encoders, tmp_pat
 def test_cached_dataset_and_collator(data, encoders, tmp_path):
     tsv, image_dir, rows = data
     tokenizer, ret_id = build_tokenizer("tiny-opt")
-    ds = build_cached_cc3m_dataset(tsv.parent, image_dir, encoders, tmp_path / "cache", split="train", batch_size=5)
+    ds = build_cached_cc3m_dataset(tsv.parent, image_dir, encoders, tmp_path / "cache", split="train", batch_size=5,
+                                  dtype="fp32")
     assert len(ds) == N_GOOD and ds.skipped == Counter(BAD.values())
     sample = ds[2]
     assert set(sample) == {"index", "caption", "image_pooled", "image_embed", "text_embed"}
@@ -272,3 +274,49 @@ def test_cached_dataset_with_no_usable_image_fails(data, encoders, tmp_path):
         CachedCaptionDataset(bad_rows, cache)
     with pytest.raises(ValueError, match="wrong cache"):
         CachedCaptionDataset(rows, cache)
+
+
+def test_start_up_checks_the_stamp_not_the_whole_file(data, encoders, tmp_path, monkeypatch):
+    """Hashing the whole file happens once after the build, then only when asked or when the
+    mtime changed (and a matching hash renews the stamp); the header is always compared."""
+    _, _, rows = data
+    cache_dir = tmp_path / "cache"
+    hashed = []
+    real = fc.file_sha256
+    monkeypatch.setattr(fc, "file_sha256", lambda p: hashed.append(p) or real(p))
+    load_or_build_feature_cache(rows, encoders, cache_dir)
+    assert len(hashed) == 1  # verified once after the build
+    enc = CountingEncoders(encoders)
+    load_or_build_feature_cache(rows, enc, cache_dir)
+    assert len(hashed) == 1 and enc.calls == Counter()  # a hit: stamp only
+    load_or_build_feature_cache(rows, enc, cache_dir, verify_checksum=True)
+    assert len(hashed) == 2 and enc.calls == Counter()  # --cache-verify
+    data_path, sidecar_path = cache_paths(cache_dir)
+    os.utime(data_path, ns=(10**18, 10**18))  # a copy without -p: same bytes, new mtime
+    load_or_build_feature_cache(rows, enc, cache_dir)
+    assert len(hashed) == 3 and enc.calls == Counter()
+    assert json.loads(sidecar_path.read_text())["file_mtime_ns"] == 10**18  # stamp renewed
+    load_or_build_feature_cache(rows, enc, cache_dir)
+    assert len(hashed) == 3
+    # A flipped byte that keeps size and mtime passes the stamp; the full check finds it.
+    raw = bytearray(data_path.read_bytes())
+    raw[-20] ^= 0xFF
+    data_path.write_bytes(raw)
+    os.utime(data_path, ns=(10**18, 10**18))
+    load_or_build_feature_cache(rows, enc, cache_dir)
+    assert enc.calls == Counter()
+    load_or_build_feature_cache(rows, enc, cache_dir, verify_checksum=True)
+    assert enc.calls["image"] > 0
+
+
+def test_old_format_version_is_rebuilt(data, encoders, tmp_path, caplog):
+    _, _, rows = data
+    cache_dir = tmp_path / "cache"
+    load_or_build_feature_cache(rows, encoders, cache_dir)
+    _, sidecar_path = cache_paths(cache_dir)
+    sidecar = json.loads(sidecar_path.read_text())
+    sidecar_path.write_text(json.dumps({**sidecar, "version": 1}))
+    caplog.set_level(logging.INFO, logger="unimur.feature_cache")
+    enc = CountingEncoders(encoders)
+    load_or_build_feature_cache(rows, enc, cache_dir)
+    assert enc.calls["image"] > 0 and "format version 1" in _messages(caplog)

@@ -72,6 +72,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-feature-cache", dest="feature_cache", action="store_false",
                    help="recompute frozen CLIP features every step (FROMAGe's way)")
     g.add_argument("--cache-dir", default=D.cache_dir)
+    g.add_argument("--dataset-format", choices=("tsv", "img2dataset", "wds"), default=D.dataset_format,
+                   help="tsv: <dataset-dir>/cc3m_<split>.tsv + --image-dir; img2dataset: <dataset-dir>/{train,val} "
+                        "as img2dataset's files output; wds: <dataset-dir>/{train,val}/*.tar or a brace pattern "
+                        "with {split}")
+    g.add_argument("--cache-dtype", choices=("fp16", "bf16", "fp32"), default=D.cache_dtype,
+                   help="storage dtype of cached CLIP features (default: bf16 with --precision bf16, else fp16)")
+    g.add_argument("--cache-verify", action="store_true",
+                   help="re-hash the whole feature cache at start (default: size + mtime + header hash)")
 
     g = p.add_argument_group("training")
     g.add_argument("--exp_name", "--exp-name", dest="exp_name", default=T.exp_name)
@@ -203,8 +211,10 @@ def check_flags_take_effect(args: argparse.Namespace, target_proj: str) -> None:
     if args.method == "fromage" and args.l_tm:
         raise UsageError(f"--l-tm {args.l_tm} has no effect with --method fromage (FROMAGe has no text "
                          "retrieval space, so no TM term)")
-    if args.cache_dir is not None and not args.feature_cache:
-        raise UsageError("--cache-dir has no effect with --no-feature-cache (nothing is cached)")
+    for flag, value in (("--cache-dir", args.cache_dir), ("--cache-dtype", args.cache_dtype),
+                        ("--cache-verify", args.cache_verify)):
+        if value and not args.feature_cache:
+            raise UsageError(f"{flag} has no effect with --no-feature-cache (nothing is cached)")
     if args.gpu_memory is not None and not args.dry_run:
         raise UsageError("--gpu-memory has no effect without --dry-run")
     if args.nprocs is not None and not args.multiprocessing_distributed and not args.dry_run:

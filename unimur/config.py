@@ -102,6 +102,18 @@ class DataConfig:
     """Precompute frozen CLIP features once (CLIP never changes); False recomputes per step."""
     cache_dir: str | None = None
     """Where cached features live; None: <dataset_dir>/.feature_cache."""
+    dataset_format: str = "tsv"
+    """`tsv` (cc3m_<split>.tsv + image dir), `img2dataset` (its `files` output folders) or
+    `wds` (webdataset .tar shards): see `unimur.sources`."""
+    cache_dtype: str | None = None
+    """Storage dtype of cached features (fp16|bf16|fp32); None: bf16 with precision bf16, else fp16."""
+    cache_verify: bool = False
+    """Re-hash the whole cache file at every start (default: size + mtime + header hash)."""
+
+    def __post_init__(self):
+        _check_choice("dataset_format", self.dataset_format, ("tsv", "img2dataset", "wds"))
+        if self.cache_dtype is not None:
+            _check_choice("cache_dtype", self.cache_dtype, ("fp32", "bf16", "fp16"))
 
 
 @dataclass

@@ -46,6 +46,7 @@ Batch layout produced by :class:`CaptionCollator` (B = kept samples, possibly 0)
 """
 from __future__ import annotations
 
+import io
 import logging
 import os
 import warnings
@@ -315,7 +316,7 @@ def load_rgb_image(path: str | os.PathLike, checks: ImageChecks = ImageChecks())
         with warnings.catch_warnings():
             # PIL only *warns* between MAX_IMAGE_PIXELS and twice that: make it an error.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(path)
+            img = Image.open(_image_file(path))
     except FileNotFoundError as e:
         raise UnusableImage("missing_image", str(e)) from e
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
@@ -333,6 +334,18 @@ def load_rgb_image(path: str | os.PathLike, checks: ImageChecks = ImageChecks())
         except Exception as e:  # OSError("image file is truncated"), SyntaxError, ValueError, ...
             raise UnusableImage("corrupt_image", f"{type(e).__name__}: {e}") from e
         return to_rgb(img)
+
+
+def _image_file(path: str | os.PathLike):
+    """A path, or for a tar member reference (``tar<NUL>offset<NUL>size``, see
+    ``unimur.sources.tar_member_ref``) its bytes: one seek + read, no tar parsing."""
+    path = os.fspath(path)
+    if "\0" not in path:
+        return path
+    tar, offset, size = path.split("\0")
+    with open(tar, "rb") as f:
+        f.seek(int(offset))
+        return io.BytesIO(f.read(int(size)))  # a short read surfaces as a corrupt image
 
 
 def _check_geometry(size: tuple[int, int], checks: ImageChecks) -> None:

@@ -23,7 +23,7 @@ import torch.multiprocessing as mp
 
 from .checkpoint import LATEST, load_checkpoint
 from .config import Config
-from .data import check_caption_tsv
+from .sources import check_split_source
 from .errors import EXPECTED, RunFolderError, UniMuRError, explain_backbone_errors, message, show_tracebacks
 from .run_folder import RunLock, check_new_run, check_not_locked, clear_previous_run
 
@@ -144,7 +144,7 @@ def preflight(args, cfg: Config, run_dir: Path, check_folder: bool = True) -> No
         check_not_locked(run_dir)
         check_new_run(run_dir, args.resume, getattr(args, "overwrite", False))
     for split in ("train", "val"):
-        check_caption_tsv(Path(cfg.data.dataset_dir) / f"cc3m_{split}.tsv", cfg.data.image_dir)
+        check_split_source(cfg.data.dataset_format, cfg.data.dataset_dir, cfg.data.image_dir, split)
     resume = run_dir / LATEST if args.resume == "latest" else (Path(args.resume) if args.resume else None)
     if resume is not None and (args.resume != "latest" or resume.exists()):
         load_checkpoint(resume)

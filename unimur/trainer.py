@@ -31,7 +31,7 @@ from .backbones import ImageFeatures, square_input_size
 from .checkpoint import (BEST, LATEST, load_checkpoint, remove_stale_temp_files, resolve_resume,
                          rng_state, save_checkpoint, set_rng_state)
 from .config import Config
-from .data import CaptionCollator, SkipCounter, build_cc3m_datasets, is_empty_batch
+from .data import CaptionCollator, CaptionDataset, SkipCounter, is_empty_batch
 from .feature_cache import build_cached_cc3m_dataset
 from .loss import UniMuRLoss, needs_lm
 from .metric_log import MetricLogger
@@ -40,6 +40,7 @@ from .packing import CAPTIONING, concat_this_batch
 from .retrieval import ranks_of_positives, recall_metrics
 from .run_folder import write_record
 from .sampling import GlobalBatchSampler
+from .sources import read_split
 
 logger = logging.getLogger(__name__)
 
@@ -149,10 +150,13 @@ class Trainer:
         d = self.cfg.data
         if d.feature_cache:
             cache_dir = Path(d.cache_dir) if d.cache_dir else Path(d.dataset_dir) / ".feature_cache"
+            dtype = d.cache_dtype or ("bf16" if self.cfg.train.precision == "bf16" else "fp16")
             return build_cached_cc3m_dataset(
                 d.dataset_dir, d.image_dir, self.model.encoders, cache_dir, split=split,
+                dataset_format=d.dataset_format, dtype=dtype, verify_checksum=d.cache_verify,
                 batch_size=self.cfg.train.val_batch_size, num_workers=d.workers, device=self.device)
-        return build_cc3m_datasets(d.dataset_dir, d.image_dir, self.model.encoders.preprocess, split=split)
+        data = read_split(d.dataset_format, d.dataset_dir, d.image_dir, split)
+        return CaptionDataset(data.rows, self.model.encoders.preprocess, read_skipped=data.skipped)
 
     def _sampler(self, dataset, global_batch: int, start: int, num: int | None, shuffle: bool,
                  drop_last: bool = True) -> GlobalBatchSampler:
