@@ -314,7 +314,6 @@ class Trainer:
 
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
-        t = self.cfg.train
         self.model.eval()
         loader, n_batches = self._val_loader()
         sums: dict[str, float] = {}
