@@ -24,7 +24,10 @@ What it runs, each stage with this project's own commands and functions (nothing
              ``evals/eval_visdial.py`` / ``evals/eval_mmdialog.py``, same defaults) per model;
              JSON results and example PNGs under ``<out>/results``. Per-query ranks give the
              metrics on held-out and on seen (colour, shape) pairs separately.
-6. report    one table: trained vs (untrained vs) random-init backbones vs chance, all / held-out /
+6. pools     the MMDialog test images embedded by the trained model, its texts and a held-out
+             dialogue under ``<out>/pools`` (``unimur.demo_pools``), for the retrieve and app
+             commands printed at the end.
+7. report    one table: trained vs (untrained vs) random-init backbones vs chance, all / held-out /
              seen; and the wall time of each stage. ``<out>/results/summary.json`` holds it all.
 
 The evaluation goes through the library functions rather than the scripts' ``main`` because the
@@ -515,6 +518,7 @@ def run(out: Path, seed: int, cfg: DemoConfig, random_init: bool, untrained: boo
     import torch
 
     from . import offline_backbones
+    from .demo_pools import try_commands, write_pools
     from .prune_model_ckpt import prune
 
     stages = Stages()
@@ -540,6 +544,8 @@ def run(out: Path, seed: int, cfg: DemoConfig, random_init: bool, untrained: boo
         models[PRETRAINED.label] = evaluate(model, trained_dir, data, meta, results_dir, "trained",
                                             cfg.eval_batch_size, png=True)
         del model
+    with stages("retrieval pools for unimur.retrieve / unimur.app"):
+        pools = write_pools(trained_dir, data, meta, out / "pools", _device())
     if untrained:
         with stages("build + evaluate untrained model (same seed)"):
             model = save_untrained(run_dir, models_dir / "untrained")
@@ -593,6 +599,7 @@ def run(out: Path, seed: int, cfg: DemoConfig, random_init: bool, untrained: boo
              if random_init else ""))
     print("\nWall time per stage:\n" + timing)
     print(f"\nResults: {results_dir}/ (summary.json, <model>_<benchmark>.json, trained_*_examples.png)")
+    print("\n" + try_commands(trained_dir, pools))
     print("=" * 100)
     return summary
 
