@@ -276,12 +276,23 @@ def ensure_data(root: Path, seed: int, sizes: dict[str, int]) -> dict[str, Path]
     return output_paths(root)
 
 
+def _train_entry():
+    """The repository's ``main.py`` in a checkout; the installed package's ``unimur-train``
+    (the same two calls) where the package was installed without the checkout."""
+    if (REPO / "main.py").is_file() and (REPO / "pyproject.toml").is_file():
+        import main as train_main
+
+        return train_main.main
+    from .commands import train
+
+    return train
+
+
 def train(backbones: Backbones, cfg: DemoConfig, data: dict[str, Path], out: Path, seed: int
           ) -> tuple[Path, Path, dict[str, float]]:
     """Train through ``main.main``; returns (run folder, best checkpoint, feature-cache build
     seconds by split, 0 when the cache was reused)."""
-    import main as train_main  # the repository's main.py
-
+    train_main = _train_entry()
     run_dir = out / "runs" / backbones.name
     if run_dir.exists():
         shutil.rmtree(run_dir)  # a fresh run each time (the data and feature caches are reused)
@@ -294,7 +305,7 @@ def train(backbones: Backbones, cfg: DemoConfig, data: dict[str, Path], out: Pat
     started = time.time()
     with _keep_signal_handlers():
         try:
-            state = train_main.main(argv)
+            state = train_main(argv)
         finally:
             setup_logging()
     if state is None or state.best_step < 0:

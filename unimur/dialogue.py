@@ -61,8 +61,8 @@ def parse_dialogue_json(text: str, conversation_id: int | str | None = None, sou
         raw = _choose(items, conversation_id, source)
     turns = [parse_turn(t, Counter()) for t in raw.get("conversation") or []]
     if not turns or any(t is None for t in turns):
-        raise ValueError(f"{source}: expected {{\"conversation\": [{{\"turn\": [{{\"__TEXT__\": ...}} | "
-                         f"{{\"__MEDIA__\": ...}}]}}, ...]}} or a list of such turns")
+        raise ValueError(f"{source}: not in MMDialog's turn format: expected {{\"conversation\": [{{\"turn\": "
+                         f"[{{\"__TEXT__\": ...}} | {{\"__MEDIA__\": ...}}]}}, ...]}} or a list of such turns")
     return turns
 
 
