@@ -23,6 +23,7 @@ if __package__ in (None, ""):  # `python unimur/app.py`: import the package, not
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -97,7 +98,8 @@ def build_app(session: Session, k: int = 3):
         if not message and not image:
             raise gr.Error("type a turn or attach an image")
         turn = ([("text", message)] if message else []) + ([("image", image)] if image else [])
-        answer = respond(session, state.turns + [turn], int(k_value))
+        with _shown_errors():
+            answer = respond(session, state.turns + [turn], int(k_value))
         state.turns.append(turn)
         return (_chat(state, session, answer), _gallery(session, answer), _texts(answer),
                 _status(answer), state, "", None)
@@ -134,10 +136,22 @@ def build_app(session: Session, k: int = 3):
         def retrieve(dialogue: str, k: int = 3) -> dict:
             """Answer a dialogue (MMDialog turn-format JSON, or a JSON list of turn strings;
             images as pool ids) with the JSON of `python -m unimur.retrieve --json`."""
-            return answer_json(session, dialogue, k)
+            with _shown_errors():
+                return answer_json(session, dialogue, k)
 
         gr.api(retrieve, api_name="retrieve")
     return app
+
+
+@contextlib.contextmanager
+def _shown_errors():
+    """Bad input reaches the page (and the API client) as its one-line message."""
+    import gradio as gr
+
+    try:
+        yield
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        raise gr.Error(" ".join(str(e).split())) from e
 
 
 def _describe(session: Session) -> str:
