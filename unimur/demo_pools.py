@@ -55,13 +55,19 @@ def write_pools(model_dir: Path, data: dict[str, Path], meta: dict[str, Any], ou
 
 
 def _heldout_dialogue(dialogues: list[dict], meta: dict[str, Any]) -> tuple[dict, dict]:
-    """The first dialogue about a held-out pair whose last turn has an image (else the first)."""
+    """The first held-out dialogue whose reply has a text and an image and whose context shows an
+    image (a turn with an image inside); failing that, the closest to it."""
     info = {d["conversation_id"]: d for d in meta["splits"]["mmdialog"]["dialogues"]}
-    for d in dialogues:
-        last = parse_turn(d["conversation"][-1]) or []
-        if info.get(d["conversation_id"], {}).get("heldout") and any(k == "image" for k, _ in last):
-            return d, info[d["conversation_id"]]
-    return dialogues[0], info.get(dialogues[0]["conversation_id"], {})
+
+    def kinds(turns) -> set[str]:
+        return {k for t in turns for k, _ in parse_turn(t) or []}
+
+    def preference(d: dict) -> tuple[bool, bool, bool]:
+        return (bool(info.get(d["conversation_id"], {}).get("heldout")),
+                kinds(d["conversation"][-1:]) == {"text", "image"}, "image" in kinds(d["conversation"][:-1]))
+
+    best = max(dialogues, key=preference)  # max keeps the first of equals
+    return best, info.get(best["conversation_id"], {})
 
 
 def try_commands(model_dir: Path, pools: dict[str, Any]) -> str:
