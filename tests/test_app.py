@@ -109,3 +109,22 @@ def test_chat_turns_accumulate_and_show_the_reference_answer(served, tiny_pool):
     reply = [m for m in chat if m["role"] == "assistant"]
     assert ref_txt[0][0] in json.dumps(reply)
     assert status.startswith("image output: yes") and message == "" and attached is None
+
+
+def test_page_opens_with_the_given_dialogue_answered(served, tiny_pool):
+    """--dialogue: the page's first content is that dialogue and the reference answer."""
+    import gradio as gr
+    from test_retrieve import reference
+
+    from unimur.embeddings import load_image_embeddings
+
+    session = served[0]
+    turns = [[("text", "look at this"), ("image", "green_square")], [("text", "one more?")]]
+    blocks = app_module.build_app(session, 2, turns)
+    chat = next(b for b in blocks.blocks.values() if isinstance(b, gr.Chatbot))
+    frame = next(b for b in blocks.blocks.values() if isinstance(b, gr.Dataframe))
+    images = load_image_embeddings(tiny_pool.images)
+    feature = images.cap_features[images.ids.index("green_square.png")]
+    _, ref_txt = reference(tiny_pool.model, ["look at this", feature, "one more?"], images, tiny_pool.texts, 2)
+    assert [row[2] for row in frame.value["data"]] == [t for t, _ in ref_txt]
+    assert ref_txt[0][0] in json.dumps(chat.value, default=str)

@@ -8,7 +8,8 @@ Each message a person sends is one turn of the dialogue (text, an attached image
 each turn the page shows the top-k images (thumbnails with cosine scores) and text responses for
 the whole dialogue so far, and the chat shows the top text (with the top image, under the image
 rule) as the reply. The reply is not added to the dialogue: the person types every turn. Model,
-pool and rule flags are those of ``python -m unimur.retrieve``.
+pool and rule flags are those of ``python -m unimur.retrieve``; ``--dialogue FILE`` (its format)
+opens the page with that dialogue already answered.
 
 Client API (``gradio_client``): ``/send`` (message, image file, k) is the chat step;
 ``/retrieve`` (dialogue, k) answers a whole dialogue in MMDialog's turn format (JSON text; images
@@ -32,7 +33,7 @@ from typing import Any, Sequence
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from a local demo
 
-from unimur.retrieve import Session, add_model_args, run_cli  # noqa: E402
+from unimur.retrieve import Session, add_dialogue_file_args, add_model_args, run_cli  # noqa: E402
 
 logger = logging.getLogger("unimur.app")
 
@@ -88,8 +89,9 @@ def _thumbnail(session: Session, item: dict[str, Any]):
     return tile
 
 
-def build_app(session: Session, k: int = 3):
-    """The Gradio Blocks of the page (not launched)."""
+def build_app(session: Session, k: int = 3, initial_turns: list | None = None):
+    """The Gradio Blocks of the page (not launched). ``initial_turns``: a dialogue the page opens
+    with, already answered (``--dialogue``)."""
     import gradio as gr
 
     def send(message: str, image: str | None, k_value: float, state: ChatState | None):
@@ -107,12 +109,20 @@ def build_app(session: Session, k: int = 3):
     def clear():
         return [], [], [], "", ChatState(), "", None
 
+    # the page's first content: empty, or the --dialogue answered (computed once, here)
+    first = ChatState()
+    shown: tuple = ([], [], [], "")
+    if initial_turns:
+        first.turns = [list(t) for t in initial_turns]
+        answer = respond(session, first.turns, k)
+        shown = (_chat(first, session, answer), _gallery(session, answer), _texts(answer), _status(answer))
+
     with gr.Blocks(title="UniMuR", analytics_enabled=False) as app:
         gr.Markdown(f"## {TITLE}\n{_describe(session)}")
-        state = gr.State(None)
+        state = gr.State(first)
         with gr.Row():
             with gr.Column(scale=3):
-                chat = gr.Chatbot(label="dialogue (each message is one turn)", height=460)
+                chat = gr.Chatbot(value=shown[0], label="dialogue (each message is one turn)", height=460)
                 with gr.Row():
                     message = gr.Textbox(placeholder="type a turn, e.g. 'do you have a red star?'",
                                          show_label=False, scale=4, lines=2)
@@ -123,11 +133,11 @@ def build_app(session: Session, k: int = 3):
                     send_btn = gr.Button("Send turn", variant="primary")
                     clear_btn = gr.Button("New dialogue")
             with gr.Column(scale=2):
-                status = gr.Markdown()
-                gallery = gr.Gallery(label="retrieved images (cosine)", columns=3, height=300,
-                                     object_fit="contain")
-                texts = gr.Dataframe(headers=["rank", "score", "text response"], label="retrieved texts",
-                                     interactive=False, wrap=True)
+                status = gr.Markdown(shown[3])
+                gallery = gr.Gallery(value=shown[1], label="retrieved images (cosine)", columns=3,
+                                     height=300, object_fit="contain")
+                texts = gr.Dataframe(value=shown[2] or None, headers=["rank", "score", "text response"],
+                                     label="retrieved texts", interactive=False, wrap=True)
         outputs = [chat, gallery, texts, status, state, message, image]
         send_btn.click(send, [message, image, k_slider, state], outputs, api_name="send")
         message.submit(send, [message, image, k_slider, state], outputs, api_visibility="private")
@@ -172,7 +182,9 @@ def _chat(state: ChatState, session: Session, answer: dict[str, Any]) -> list[di
             if kind == "text":
                 messages.append({"role": "user", "content": value})
             else:
-                messages.append({"role": "user", "content": gr.Image(value=value, height=160)})
+                shown = value if Path(value).is_file() else _thumbnail(
+                    session, {"id": value, "file": _pool_file(session, value)})
+                messages.append({"role": "user", "content": gr.Image(value=shown, height=160)})
     reply = answer["texts"][0] if answer["texts"] else None
     if reply is not None:
         messages.append({"role": "assistant", "content": f"{reply['text']}  _(cosine {reply['score']:.3f})_"})
@@ -182,6 +194,16 @@ def _chat(state: ChatState, session: Session, answer: dict[str, Any]) -> list[di
                          "content": gr.Image(value=_thumbnail(session, top), height=160,
                                              label=f"{top['id']} (cosine {top['score']:.3f})")})
     return messages
+
+
+def _pool_file(session: Session, ref: str) -> str | None:
+    """The file of a pool image named by id or by file stem (a dialogue file's media key)."""
+    from unimur.pools import image_file
+
+    ids = session.images.ids if session.images is not None else []
+    match = next((i for i in ids if i == ref), None) or next((i for i in ids if Path(i).stem == ref), None)
+    found = image_file(match, session.images, session.image_root) if match else None
+    return str(found) if found else None
 
 
 def _gallery(session: Session, answer: dict[str, Any]) -> list:
@@ -216,6 +238,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         "every network interface: anyone who reaches it can use the model")
     p.add_argument("--port", type=int, default=7860, help="default: %(default)s")
     p.add_argument("-k", type=int, default=3, help="initial top-k (1-%d); default: %%(default)s" % MAX_K)
+    add_dialogue_file_args(p)  # a dialogue the page opens with, answered
     return p.parse_args(argv)
 
 
@@ -250,9 +273,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     if not 1 <= args.k <= MAX_K:
         raise ValueError(f"-k must be between 1 and {MAX_K}, got {args.k}")
     require_gradio()
+    turns = None
+    if args.dialogue:
+        from unimur.dialogue import read_dialogue, select_turns
+
+        turns = select_turns(read_dialogue(args.dialogue, args.conversation_id), args.n_turns)
+        base = Path(args.dialogue).parent  # image files of the dialogue: relative to it
+        turns = [[(k, v if k == "text" or not (base / v).is_file() else str(base / v)) for k, v in t]
+                 for t in turns]
     session = Session.open(args)
     logger.info("serving on http://%s:%d", args.host, args.port)
-    launch(build_app(session, args.k), args.host, args.port)
+    launch(build_app(session, args.k, turns), args.host, args.port)
 
 
 if __name__ == "__main__":

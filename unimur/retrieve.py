@@ -79,6 +79,14 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-dir", default=None, help="--image-dir cache; default: $UNIMUR_CACHE/pools")
 
 
+def add_dialogue_file_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dialogue", metavar="FILE", help="a dialogue in MMDialog's turn format")
+    p.add_argument("--conversation-id", default=None, help="the dialogue to use from a file of several")
+    p.add_argument("--turns", type=int, default=None, dest="n_turns", metavar="N",
+                   help="use the first N turns (N < 0: all but the last -N, e.g. -1 leaves out "
+                        "a dialogue's target turn)")
+
+
 def image_rule_of(args: argparse.Namespace) -> tuple[str, float | None]:
     rule = args.image_rule or ("threshold" if args.image_threshold is not None else "always")
     if rule == "threshold" and args.image_threshold is None:
@@ -226,11 +234,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--query", action=_Turn, dest="turns", metavar="TEXT", help="one text turn (repeat)")
     p.add_argument("--query-image", action=_Turn, dest="turns", metavar="FILE",
                    help="one image turn: a file, or an id of the image pool (repeat)")
-    p.add_argument("--dialogue", metavar="FILE", help="a dialogue in MMDialog's turn format")
-    p.add_argument("--conversation-id", default=None, help="the dialogue to use from a file of several")
-    p.add_argument("--turns", type=int, default=None, dest="n_turns", metavar="N",
-                   help="use the first N turns (N < 0: all but the last -N, e.g. -1 leaves out "
-                        "a dialogue's target turn)")
+    add_dialogue_file_args(p)
     p.add_argument("-k", type=int, default=3, help="results per modality; default: %(default)s")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     args = p.parse_args(argv)
