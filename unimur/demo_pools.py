@@ -82,6 +82,7 @@ def try_commands(model_dir: Path, pools: dict[str, Any]) -> str:
         f"  HF_HUB_OFFLINE=1 python -m unimur.retrieve {common} --dialogue {q(pools['dialogue'])} -k 3",
         "or your own turns (--query TEXT / --query-image FILE, repeated):",
         f"  HF_HUB_OFFLINE=1 python -m unimur.retrieve {common} --query 'do you have a red star?'",
-        "The web demo (pip install -r requirements-app.txt; then open http://127.0.0.1:7860):",
-        f"  HF_HUB_OFFLINE=1 python -m unimur.app {common}",
+        "The web demo, opening on that dialogue (pip install -r requirements-app.txt; then open "
+        "http://127.0.0.1:7860):",
+        f"  HF_HUB_OFFLINE=1 python -m unimur.app {common} --dialogue {q(pools['dialogue'])}",
     ])
