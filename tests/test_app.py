@@ -15,8 +15,9 @@ def test_missing_gradio_is_one_error_line(monkeypatch, capsys):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gradio" else real(name, *a))
     assert app_module.run_cli(["--model-dir", "x"], entry=app_module.main) == 1
-    err = capsys.readouterr().err
-    assert err.startswith("error: the web demo needs gradio") and err.count("\n") == 1
+    from test_retrieve import error_line
+
+    assert error_line(capsys.readouterr().err).startswith("error: the web demo needs gradio")
 
 
 def test_binds_loopback_by_default():

@@ -23,7 +23,24 @@ REPO = Path(__file__).resolve().parents[1]
 # ------------------------------------------------------------------------------- fast tests
 
 
-def test_missing_packages_print_the_install_commands(tmp_path, monkeypatch, capsys):
+@pytest.fixture
+def root_logging():
+    """demo.main points the root logger at this test's captured stderr: put the handlers back."""
+    import logging
+
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    for handler in list(root.handlers):
+        if handler not in handlers:
+            root.removeHandler(handler)
+    for handler in handlers:
+        if handler not in root.handlers:
+            root.addHandler(handler)
+    root.setLevel(level)
+
+
+def test_missing_packages_print_the_install_commands(tmp_path, monkeypatch, capsys, root_logging):
     monkeypatch.setitem(demo.DEMO_MODULES, "unimur_no_such_module_xyz", "no-such-package==0.0")
     code = demo.main(["--out", str(tmp_path / "out")])
     err = capsys.readouterr().err

@@ -33,6 +33,15 @@ def pool_args(pool, *extra):
             "--device", "cpu", *extra]
 
 
+def error_line(err: str) -> str:
+    """The command's failure as printed: one `error: ...` line, the last on stderr (log lines
+    may precede it), and no traceback."""
+    assert "Traceback" not in err and err.endswith("\n"), err
+    last = err.splitlines()[-1]
+    assert last.startswith("error: "), err
+    return last
+
+
 def run_json(capsys, argv):
     retrieve.main([*argv, "--json"])
     return json.loads(capsys.readouterr().out)
@@ -105,8 +114,7 @@ def test_model_folder_embedding_file_is_used_and_named(tiny_pool, tmp_path, caps
     save_fromage_pickle(load_image_embeddings(tiny_pool.images), model_dir / "cc3m_embeddings.pkl")
     argv = ["--model-dir", str(model_dir), "--query", "a blue circle", "--device", "cpu"]
     assert retrieve.run_cli(argv) == 1
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and err.count("\n") == 1 and "--allow-pickle" in err
+    assert "--allow-pickle" in error_line(capsys.readouterr().err)
     with caplog.at_level(logging.INFO, logger="unimur.retrieve"):
         answer = run_json(capsys, [*argv, "--allow-pickle"])
     assert "cc3m_embeddings.pkl (the embedding file in --model-dir" in caplog.text
@@ -148,9 +156,7 @@ def test_bad_input_is_one_error_line(tiny_pool, tmp_path, capsys, argv, message)
     (tmp_path / "bad.json").write_text('{"conversation": [{"turn": "not a list"}]}')
     fill = {"root": tmp_path, "model": tiny_pool.model_dir, "texts": tiny_pool.texts_file, "images": tiny_pool.images}
     assert retrieve.run_cli([a.format(**fill) for a in argv] + ["--device", "cpu"]) == 1
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and err.count("\n") == 1, err
-    assert message in err
+    assert message in error_line(capsys.readouterr().err)
 
 
 def test_script_path_runs_as_the_module(tiny_pool):
