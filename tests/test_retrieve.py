@@ -138,7 +138,8 @@ def test_image_dir_pool_is_embedded_once_then_cached(tiny_pool, tmp_path, capsys
     assert len(calls) == 1 and len(list((tmp_path / "cache").glob("*.safetensors"))) == 1
     assert first["images"] == second["images"]
     from_file = run_json(capsys, pool_args(tiny_pool, "--query", "a green circle"))
-    assert [(x["id"], x["score"]) for x in first["images"]] == [(x["id"], x["score"]) for x in from_file["images"]]
+    pairs = lambda answer: [(x["id"], x["score"]) for x in answer["images"]]  # noqa: E731
+    assert pairs(first) == pairs(from_file)
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -146,7 +147,8 @@ def test_image_dir_pool_is_embedded_once_then_cached(tiny_pool, tmp_path, capsys
     (["--model-dir", "{model}", "--texts", "{root}/missing.txt", "--query", "x"], "text pool not found"),
     (["--model-dir", "{model}", "--images", "{root}/missing.safetensors", "--query", "x"], "not found"),
     (["--model-dir", "{model}", "--texts", "{texts}", "--dialogue", "{root}/bad.json"], "turn format"),
-    (["--model-dir", "{model}", "--images", "{images}", "--query-image", "no_such_id"], "not an id of the image pool"),
+    (["--model-dir", "{model}", "--images", "{images}", "--query-image", "no_such_id"],
+     "not an id of the image pool"),
     (["--model-dir", "{model}", "--texts", "{texts}", "--image-rule", "threshold", "--query", "x"],
      "needs --image-threshold"),
     (["--model-dir", "{model}", "--query", "x"], "no pool to retrieve from"),
@@ -154,7 +156,8 @@ def test_image_dir_pool_is_embedded_once_then_cached(tiny_pool, tmp_path, capsys
 ])
 def test_bad_input_is_one_error_line(tiny_pool, tmp_path, capsys, argv, message):
     (tmp_path / "bad.json").write_text('{"conversation": [{"turn": "not a list"}]}')
-    fill = {"root": tmp_path, "model": tiny_pool.model_dir, "texts": tiny_pool.texts_file, "images": tiny_pool.images}
+    fill = {"root": tmp_path, "model": tiny_pool.model_dir, "texts": tiny_pool.texts_file,
+            "images": tiny_pool.images}
     assert retrieve.run_cli([a.format(**fill) for a in argv] + ["--device", "cpu"]) == 1
     assert message in error_line(capsys.readouterr().err)
 

@@ -54,10 +54,10 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load lazily
-    from unimur.config import Config, ModelConfig
-    from unimur.dialogue import read_dialogue
-    from unimur.embeddings import ImageEmbeddings, load_image_embeddings, save_image_embeddings
-    from unimur.model import UniMuR
-    from unimur.pools import read_texts
-    from unimur.pretrained import load_pretrained, read_model_config, save_pretrained
-    from unimur.retriever import ModelEmbedder, RetrievalResult, Retriever
+    from unimur.config import Config, ModelConfig  # noqa: F401
+    from unimur.dialogue import read_dialogue  # noqa: F401
+    from unimur.embeddings import ImageEmbeddings, load_image_embeddings, save_image_embeddings  # noqa: F401
+    from unimur.model import UniMuR  # noqa: F401
+    from unimur.pools import read_texts  # noqa: F401
+    from unimur.pretrained import load_pretrained, read_model_config, save_pretrained  # noqa: F401
+    from unimur.retriever import ModelEmbedder, RetrievalResult, Retriever  # noqa: F401

@@ -167,7 +167,9 @@ def _shown_errors():
 def _describe(session: Session) -> str:
     n_img = len(session.images) if session.images is not None else 0
     n_txt = len(session.retriever.texts or [])
-    rule = session.image_rule + (f" > {session.image_threshold}" if session.image_threshold is not None else "")
+    rule = session.image_rule
+    if session.image_threshold is not None:
+        rule += f" > {session.image_threshold}"
     return (f"model `{session.model_dir}` · image pool: {n_img} images · text pool: {n_txt} responses · "
             f"image rule: {rule} · text ranking: {session.text_ranking}. Each message you send is one "
             f"turn; the retrieved reply is shown, not added to the dialogue.")

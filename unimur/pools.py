@@ -82,8 +82,8 @@ def find_model_embeddings(model_dir: str | Path) -> Path | None:
     pickles = sorted(p for p in model_dir.glob("*.pkl") if p.is_file())
     for found in (safe, pickles):
         if len(found) > 1:
-            raise ValueError(f"{model_dir} holds several embedding files ({', '.join(p.name for p in found)}): "
-                             f"choose one with --images")
+            names = ", ".join(p.name for p in found)
+            raise ValueError(f"{model_dir} holds several embedding files ({names}): choose one with --images")
         if found:
             return found[0]
     return None

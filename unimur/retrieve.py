@@ -132,7 +132,8 @@ class Session:
         if not images_file and not args.image_dir:
             found = find_model_embeddings(args.model_dir)
             if found is not None:
-                logger.info("image pool: %s (the embedding file in --model-dir; --images chooses another)", found)
+                logger.info("image pool: %s (the embedding file in --model-dir; --images chooses another)",
+                            found)
                 images_file = str(found)
         if images_file and not Path(images_file).is_file():
             raise FileNotFoundError(f"image embedding file not found: {images_file}")
@@ -206,7 +207,8 @@ def format_answer(answer: dict[str, Any], dialogue: Sequence[str]) -> str:
         lines.append(f"  {'rank':>4}  {'score':>7}  image")
         lines += [f"  {x['rank']:>4}  {x['score']:7.4f}  {x['id']}" for x in answer["images"]]
     if answer["texts"]:
-        lines.append(f"\ntop-{len(answer['texts'])} texts  (pool: {s['text_pool']}, {s['text_pool_size']} texts)")
+        lines.append(f"\ntop-{len(answer['texts'])} texts  (pool: {s['text_pool']}, "
+                     f"{s['text_pool_size']} texts)")
         lines.append(f"  {'rank':>4}  {'score':>7}  text")
         lines += [f"  {x['rank']:>4}  {x['score']:7.4f}  {x['text']}" for x in answer["texts"]]
     return "\n".join(lines)
