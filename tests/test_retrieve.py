@@ -172,3 +172,32 @@ def test_script_path_runs_as_the_module(tiny_pool):
     answer = json.loads(proc.stdout)
     ref = reference(tiny_pool.model, ["a red circle"], load_image_embeddings(tiny_pool.images), tiny_pool.texts, 2)
     check(answer, *ref)
+
+
+def test_text_pool_files(tmp_path):
+    from unimur.pools import read_texts
+
+    (tmp_path / "a.txt").write_text("  hello there \n\nhello there\nhow about a red star\n")
+    assert read_texts(tmp_path / "a.txt") == ["hello there", "how about a red star"]
+    (tmp_path / "b.jsonl").write_text('"look, a blue circle"\n{"text": "here is a red star", "id": 3}\n\n')
+    assert read_texts(tmp_path / "b.jsonl") == ["look, a blue circle", "here is a red star"]
+    (tmp_path / "c.jsonl").write_text('"ok"\n{"txt": "no text key"}\n')
+    with pytest.raises(ValueError, match="c.jsonl:2"):
+        read_texts(tmp_path / "c.jsonl")
+    (tmp_path / "d.txt").write_text("\n \n")
+    with pytest.raises(ValueError, match="holds no text"):
+        read_texts(tmp_path / "d.txt")
+
+
+def test_model_folder_embedding_file_rules(tmp_path):
+    from unimur.pools import find_model_embeddings
+
+    (tmp_path / "model.safetensors").write_bytes(b"")  # the weights, never a pool
+    assert find_model_embeddings(tmp_path) is None
+    (tmp_path / "cc3m_embeddings.pkl").write_bytes(b"")
+    assert find_model_embeddings(tmp_path).name == "cc3m_embeddings.pkl"
+    (tmp_path / "cc3m_embeddings.safetensors").write_bytes(b"")  # its conversion wins
+    assert find_model_embeddings(tmp_path).name == "cc3m_embeddings.safetensors"
+    (tmp_path / "other.safetensors").write_bytes(b"")
+    with pytest.raises(ValueError, match="several embedding files"):
+        find_model_embeddings(tmp_path)
