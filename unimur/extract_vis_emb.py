@@ -71,8 +71,10 @@ def _plan_key(model_dir: Path, ids: list[str], part_size: int) -> str:
 
 def extract(model_dir: str | Path, ids: list[str], paths: list[Path], output: str | Path, *,
             fmt: str = "safetensors", batch_size: int = 64, workers: int = 0, part_size: int = 4096,
-            device: str = "cpu", max_parts: int | None = None) -> Path | None:
-    """Embed `paths` into `output`; resumable by parts. `max_parts` stops early (tests)."""
+            device: str = "cpu", max_parts: int | None = None, image_root: str | Path | None = None
+            ) -> Path | None:
+    """Embed `paths` into `output`; resumable by parts. `max_parts` stops early (tests).
+    `image_root`: the folder the ids are relative to, recorded in the file (to show the images)."""
     from unimur.model import UniMuR
     from unimur.retriever import ModelEmbedder
 
@@ -105,6 +107,8 @@ def extract(model_dir: str | Path, ids: list[str], paths: list[Path], output: st
         logger.info("part %d/%d: %d images, %d skipped", p + 1, n_parts, len(emb), len(skipped))
 
     merged, skipped = _merge(parts_dir, n_parts, model_dir)
+    if image_root is not None:
+        merged.meta["image_root"] = str(Path(image_root).resolve())
     if fmt == "fromage-pkl":
         save_fromage_pickle(merged, output)
     else:
@@ -171,8 +175,9 @@ def main(argv=None):
     if not (args.image_dir or args.image_list):
         ap.error("give --image-dir or --image-list (or --convert-pickle)")
     ids, paths = list_images(args.image_dir, args.image_list)
+    root = args.image_dir or Path(args.image_list).parent
     return extract(args.model_dir, ids, paths, args.output, fmt=args.format, batch_size=args.batch_size,
-                   workers=args.workers, part_size=args.part_size, device=args.device)
+                   workers=args.workers, part_size=args.part_size, device=args.device, image_root=root)
 
 
 if __name__ == "__main__":

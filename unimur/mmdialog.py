@@ -144,6 +144,12 @@ def _parse_turn(turn: Any, skipped: Counter) -> list[Segment] | None:
     return segments
 
 
+def parse_turn(turn: Any, skipped: Counter | None = None) -> list[Segment] | None:
+    """A turn ``{"turn": [{"__TEXT__": ...} | {"__MEDIA__": ...}, ...]}`` as segments (empty texts
+    dropped), or None if malformed; ``skipped`` counts dropped elements by reason."""
+    return _parse_turn(turn, Counter() if skipped is None else skipped)
+
+
 def _negatives(raw: dict[str, Any], has_image: _ImageCheck, skipped: Counter
                ) -> tuple[list[str], list[str]]:
     """The dialogue's negative texts and media keys; empty texts and missing images counted."""

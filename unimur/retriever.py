@@ -208,7 +208,16 @@ class Retriever:
         self.texts = list(texts) if texts is not None else None
         self.text_embeds = embedder.embed_texts(self.texts) if self.texts else None
 
+    @classmethod
+    def from_model(cls, model: UniMuR, images: ImageEmbeddings | None = None,
+                   texts: Sequence[str] | None = None, batch_size: int = 64,
+                   progress: bool = False) -> "Retriever":
+        """A retriever over ``images`` (an embedding file's contents) and ``texts`` for ``model``."""
+        return cls(ModelEmbedder(model, batch_size=batch_size, progress=progress), images, texts)
+
     def retrieve(self, contexts: Sequence[Sequence[Piece]], k: int = 5) -> list[RetrievalResult]:
+        """Top-``k`` images and texts for each context (a list of pieces: text, PIL images,
+        W_cap input features), best first."""
         u = self.embedder.embed_queries(contexts)
         img = txt = None
         if self.images is not None:

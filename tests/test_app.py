@@ -1,0 +1,131 @@
+"""The web demo (`python -m unimur.app`): started on a loopback port and queried through Gradio's
+client API, its answers checked against a brute-force reference. Skipped without gradio
+(pip install -r requirements-app.txt)."""
+import json
+import socket
+
+import pytest
+
+from unimur import app as app_module
+
+
+def test_missing_gradio_is_one_error_line(monkeypatch, capsys):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gradio" else real(name, *a))
+    assert app_module.run_cli(["--model-dir", "x"], entry=app_module.main) == 1
+    from test_retrieve import error_line
+
+    assert error_line(capsys.readouterr().err).startswith("error: the web demo needs gradio")
+
+
+def test_binds_loopback_by_default():
+    assert app_module.parse_args([]).host == "127.0.0.1"
+    assert app_module.parse_args(["--host", "0.0.0.0"]).host == "0.0.0.0"
+
+
+# ------------------------------------------------------------------------- the running app
+
+
+def _client(url):
+    gradio_client = pytest.importorskip("gradio_client")
+    return gradio_client, gradio_client.Client(url, verbose=False)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served(request):
+    pytest.importorskip("gradio", reason="the web demo needs gradio (requirements-app.txt)")
+    from unimur.retrieve import Session
+
+    tiny_pool = request.getfixturevalue("tiny_pool")  # built only when gradio is there
+
+    args = app_module.parse_args(["--model-dir", str(tiny_pool.model_dir), "--images", str(tiny_pool.images),
+                                  "--texts", str(tiny_pool.texts_file), "--device", "cpu"])
+    session = Session.open(args)
+    port = _free_port()
+    blocks = app_module.build_app(session, k=3)
+    app_module.launch(blocks, args.host, port, block=False)
+    try:
+        yield session, blocks, f"http://127.0.0.1:{port}/"
+    finally:
+        blocks.close()
+
+
+def test_server_listens_on_loopback_only(served):
+    _, blocks, _ = served
+    assert blocks.server_name == "127.0.0.1"
+
+
+def test_retrieve_endpoint_matches_the_reference(served, tiny_pool):
+    from test_retrieve import reference
+
+    from unimur.embeddings import load_image_embeddings
+
+    _, _, url = served
+    _, client = _client(url)
+    dialogue = {"conversation": [{"turn": [{"__TEXT__": "look at this"}, {"__MEDIA__": "green_square.png"}]},
+                                 {"turn": [{"__TEXT__": "do you have a red one?"}]}]}
+    answer = client.predict(json.dumps(dialogue), 4, api_name="/retrieve")
+    images = load_image_embeddings(tiny_pool.images)
+    feature = images.cap_features[images.ids.index("green_square.png")]
+    ref_img, ref_txt = reference(tiny_pool.model, ["look at this", feature, "do you have a red one?"], images,
+                                 tiny_pool.texts, 4)
+    assert [x["id"] for x in answer["images"]] == [i for i, _ in ref_img]
+    assert [x["text"] for x in answer["texts"]] == [t for t, _ in ref_txt]
+    assert answer["texts"][0]["score"] == pytest.approx(ref_txt[0][1], abs=1e-4)
+    with pytest.raises(Exception, match="ids of the image pool"):  # a client cannot make the server read a file
+        client.predict(json.dumps({"conversation": [{"turn": [{"__MEDIA__": "/etc/passwd"}]}]}), 3,
+                       api_name="/retrieve")
+    with pytest.raises(Exception, match="turn format"):
+        client.predict(json.dumps(["look", {"__MEDIA__": "x"}]), 3, api_name="/retrieve")
+
+
+def test_chat_turns_accumulate_and_show_the_reference_answer(served, tiny_pool):
+    from test_retrieve import reference
+
+    from unimur.data import load_rgb_image
+    from unimur.embeddings import load_image_embeddings
+
+    _, _, url = served
+    gradio_client, client = _client(url)
+    image = tiny_pool.image_dir / "blue_circle.png"
+    client.predict("look at my circle", gradio_client.handle_file(str(image)), 3, api_name="/send")
+    chat, gallery, texts, status, message, attached = client.predict("another colour?", None, 2, api_name="/send")
+
+    images = load_image_embeddings(tiny_pool.images)
+    ref_img, ref_txt = reference(tiny_pool.model, ["look at my circle", load_rgb_image(image), "another colour?"],
+                                 images, tiny_pool.texts, 2)
+    assert [g["caption"].split()[-1] for g in gallery] == [i for i, _ in ref_img]
+    assert [float(g["caption"].split()[1]) for g in gallery] == pytest.approx([s for _, s in ref_img], abs=2e-3)
+    assert [row[2] for row in texts["data"]] == [t for t, _ in ref_txt]
+    user = [m for m in chat if m["role"] == "user"]
+    assert len(user) == 3  # two turns: text + image, then text
+    reply = [m for m in chat if m["role"] == "assistant"]
+    assert ref_txt[0][0] in json.dumps(reply)
+    assert status.startswith("image output: yes") and message == "" and attached is None
+
+
+def test_page_opens_with_the_given_dialogue_answered(served, tiny_pool):
+    """--dialogue: the page's first content is that dialogue and the reference answer."""
+    import gradio as gr
+    from test_retrieve import reference
+
+    from unimur.embeddings import load_image_embeddings
+
+    session = served[0]
+    turns = [[("text", "look at this"), ("image", "green_square")], [("text", "one more?")]]
+    blocks = app_module.build_app(session, 2, turns)
+    chat = next(b for b in blocks.blocks.values() if isinstance(b, gr.Chatbot))
+    frame = next(b for b in blocks.blocks.values() if isinstance(b, gr.Dataframe))
+    images = load_image_embeddings(tiny_pool.images)
+    feature = images.cap_features[images.ids.index("green_square.png")]
+    _, ref_txt = reference(tiny_pool.model, ["look at this", feature, "one more?"], images, tiny_pool.texts, 2)
+    assert [row[2] for row in frame.value["data"]] == [t for t, _ in ref_txt]
+    assert ref_txt[0][0] in json.dumps(chat.value, default=str)

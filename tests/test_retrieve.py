@@ -1,0 +1,203 @@
+"""`python -m unimur.retrieve`: a dialogue in, the top-k images and texts out, checked against a
+brute-force reference computed with the model's own encoders (tiny-opt + tiny-clip)."""
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from unimur import retrieve
+from unimur.data import load_rgb_image
+from unimur.embeddings import load_image_embeddings, save_fromage_pickle
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def reference(model, pieces, images, texts, k):
+    """Top-k (id, cosine) of the pool images and texts for one context, by full sort."""
+    with torch.no_grad():
+        u = model.encode_context([pieces]).float()[0]
+        s_img = images.embeds.float() @ u
+        s_txt = model.text_targets(model.encode_texts(texts)).float() @ u
+    top_i = torch.argsort(-s_img, stable=True)[:k].tolist()
+    top_t = torch.argsort(-s_txt, stable=True)[:k].tolist()
+    return ([(images.ids[i], float(s_img[i])) for i in top_i], [(texts[i], float(s_txt[i])) for i in top_t])
+
+
+def pool_args(pool, *extra):
+    return ["--model-dir", str(pool.model_dir), "--images", str(pool.images), "--texts", str(pool.texts_file),
+            "--device", "cpu", *extra]
+
+
+def error_line(err: str) -> str:
+    """The command's failure as printed: one `error: ...` line, the last on stderr (log lines
+    may precede it), and no traceback."""
+    assert "Traceback" not in err and err.endswith("\n"), err
+    last = err.splitlines()[-1]
+    assert last.startswith("error: "), err
+    return last
+
+
+def run_json(capsys, argv):
+    retrieve.main([*argv, "--json"])
+    return json.loads(capsys.readouterr().out)
+
+
+def check(answer, ref_images, ref_texts):
+    assert [x["id"] for x in answer["images"]] == [i for i, _ in ref_images]
+    assert [x["text"] for x in answer["texts"]] == [t for t, _ in ref_texts]
+    for got, (_, want) in zip(answer["images"] + answer["texts"], ref_images + ref_texts):
+        assert got["score"] == pytest.approx(want, abs=1e-4)
+
+
+def test_query_turns_with_an_image_file_match_the_reference(tiny_pool, capsys):
+    image = tiny_pool.image_dir / "red_circle.png"
+    answer = run_json(capsys, pool_args(tiny_pool, "--query", "look at my circle", "--query-image", str(image),
+                                        "--query", "do you have another one?", "-k", "3"))
+    pieces = ["look at my circle", load_rgb_image(image), "do you have another one?"]
+    images = load_image_embeddings(tiny_pool.images)
+    check(answer, *reference(tiny_pool.model, pieces, images, tiny_pool.texts, 3))
+    assert answer["dialogue"] == ["look at my circle", "[image: red_circle.png]", "do you have another one?"]
+    assert answer["image_output"] is True and answer["settings"]["image_rule"] == "always"
+    assert answer["images"][0]["file"] == str(tiny_pool.image_dir / answer["images"][0]["id"])
+
+
+def test_dialogue_file_pool_ids_use_the_stored_features(tiny_pool, tmp_path, capsys):
+    """MMDialog turn format; an image that is a pool id goes in as its stored W_cap input (as in
+    the evaluation); --turns -1 leaves the last (target) turn out."""
+    dialogue = {"conversation_id": 7, "conversation": [
+        {"turn": [{"__TEXT__": "hi there"}]},
+        {"turn": [{"__TEXT__": "look at this"}, {"__MEDIA__": "blue_square"}]},  # id by file stem
+        {"turn": [{"__TEXT__": "the reply to retrieve"}]}]}
+    path = tmp_path / "conversations.json"
+    path.write_text("\n".join(json.dumps(d) for d in [{**dialogue, "conversation_id": 1}, dialogue]))  # JSONL
+    answer = run_json(capsys, pool_args(tiny_pool, "--dialogue", str(path), "--conversation-id", "7",
+                                        "--turns", "-1", "-k", "4"))
+    images = load_image_embeddings(tiny_pool.images)
+    feature = images.cap_features[images.ids.index("blue_square.png")]
+    ref = reference(tiny_pool.model, ["hi there", "look at this", feature], images, tiny_pool.texts, 4)
+    check(answer, *ref)
+    assert answer["dialogue"] == ["hi there", "look at this [image: blue_square]"]
+
+
+def test_table_output(tiny_pool, capsys):
+    retrieve.main(pool_args(tiny_pool, "--query", "a green square", "-k", "2"))
+    out = capsys.readouterr().out
+    answer = run_json(capsys, pool_args(tiny_pool, "--query", "a green square", "-k", "2"))
+    assert "top-2 images" in out and "top-2 texts" in out and "image rule: always" in out
+    rows = [r for r in (line.split() for line in out.splitlines()) if len(r) > 2 and r[0].isdigit() and "." in r[1]]
+    assert [r[2] for r in rows[:2]] == [x["id"] for x in answer["images"]]
+    assert [" ".join(r[2:]) for r in rows[2:]] == [x["text"] for x in answer["texts"]]
+
+
+def test_threshold_rule(tiny_pool, capsys):
+    top = run_json(capsys, pool_args(tiny_pool, "--query", "a red square"))["images"][0]["score"]
+    above = run_json(capsys, pool_args(tiny_pool, "--query", "a red square", "--image-threshold", str(top + 0.01)))
+    below = run_json(capsys, pool_args(tiny_pool, "--query", "a red square", "--image-rule", "threshold",
+                                       "--image-threshold", str(top - 0.01)))
+    assert above["image_output"] is False and below["image_output"] is True
+    assert above["settings"]["image_rule"] == "threshold"
+    assert [x["id"] for x in above["images"]] == [x["id"] for x in below["images"]]  # candidates still listed
+
+
+def test_model_folder_embedding_file_is_used_and_named(tiny_pool, tmp_path, capsys, caplog):
+    """The seed README's layout: cc3m_embeddings.pkl in unimur_model/ is the image pool, read only
+    with --allow-pickle."""
+    import shutil
+
+    model_dir = tmp_path / "unimur_model"
+    shutil.copytree(tiny_pool.model_dir, model_dir)
+    save_fromage_pickle(load_image_embeddings(tiny_pool.images), model_dir / "cc3m_embeddings.pkl")
+    argv = ["--model-dir", str(model_dir), "--query", "a blue circle", "--device", "cpu"]
+    assert retrieve.run_cli(argv) == 1
+    assert "--allow-pickle" in error_line(capsys.readouterr().err)
+    with caplog.at_level(logging.INFO, logger="unimur.retrieve"):
+        answer = run_json(capsys, [*argv, "--allow-pickle"])
+    assert "cc3m_embeddings.pkl (the embedding file in --model-dir" in caplog.text
+    ref = reference(tiny_pool.model, ["a blue circle"], load_image_embeddings(tiny_pool.images), [], 3)[0]
+    assert [(x["id"], pytest.approx(x["score"], abs=1e-4)) for x in answer["images"]] == \
+        [(i, pytest.approx(s, abs=1e-4)) for i, s in ref]
+    assert answer["texts"] == []
+
+
+def test_image_dir_pool_is_embedded_once_then_cached(tiny_pool, tmp_path, capsys, monkeypatch):
+    from unimur import retriever
+
+    calls = []
+    real = retriever.ModelEmbedder.embed_images
+    monkeypatch.setattr(retriever.ModelEmbedder, "embed_images",
+                        lambda self, *a, **kw: calls.append(1) or real(self, *a, **kw))
+    argv = ["--model-dir", str(tiny_pool.model_dir), "--image-dir", str(tiny_pool.image_dir),
+            "--cache-dir", str(tmp_path / "cache"), "--query", "a green circle", "--device", "cpu"]
+    first = run_json(capsys, argv)
+    second = run_json(capsys, argv)
+    assert len(calls) == 1 and len(list((tmp_path / "cache").glob("*.safetensors"))) == 1
+    assert first["images"] == second["images"]
+    from_file = run_json(capsys, pool_args(tiny_pool, "--query", "a green circle"))
+    pairs = lambda answer: [(x["id"], x["score"]) for x in answer["images"]]  # noqa: E731
+    assert pairs(first) == pairs(from_file)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model-dir", "{root}/nowhere", "--query", "x"], "not a pruned UniMuR model folder"),
+    (["--model-dir", "{model}", "--texts", "{root}/missing.txt", "--query", "x"], "text pool not found"),
+    (["--model-dir", "{model}", "--images", "{root}/missing.safetensors", "--query", "x"], "not found"),
+    (["--model-dir", "{model}", "--texts", "{texts}", "--dialogue", "{root}/bad.json"], "turn format"),
+    (["--model-dir", "{model}", "--images", "{images}", "--query-image", "no_such_id"],
+     "not an id of the image pool"),
+    (["--model-dir", "{model}", "--texts", "{texts}", "--image-rule", "threshold", "--query", "x"],
+     "needs --image-threshold"),
+    (["--model-dir", "{model}", "--query", "x"], "no pool to retrieve from"),
+    (["--model-dir", "{model}", "--texts", "{texts}", "--query", "x", "-k", "0"], "-k must be >= 1"),
+])
+def test_bad_input_is_one_error_line(tiny_pool, tmp_path, capsys, argv, message):
+    (tmp_path / "bad.json").write_text('{"conversation": [{"turn": "not a list"}]}')
+    fill = {"root": tmp_path, "model": tiny_pool.model_dir, "texts": tiny_pool.texts_file,
+            "images": tiny_pool.images}
+    assert retrieve.run_cli([a.format(**fill) for a in argv] + ["--device", "cpu"]) == 1
+    assert message in error_line(capsys.readouterr().err)
+
+
+def test_script_path_runs_as_the_module(tiny_pool):
+    """`python unimur/retrieve.py` (the seed's script style) gives what the function gives."""
+    argv = pool_args(tiny_pool, "--query", "a red circle", "-k", "2", "--json")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
+    proc = subprocess.run([sys.executable, "unimur/retrieve.py", *argv], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    answer = json.loads(proc.stdout)
+    ref = reference(tiny_pool.model, ["a red circle"], load_image_embeddings(tiny_pool.images), tiny_pool.texts, 2)
+    check(answer, *ref)
+
+
+def test_text_pool_files(tmp_path):
+    from unimur.pools import read_texts
+
+    (tmp_path / "a.txt").write_text("  hello there \n\nhello there\nhow about a red star\n")
+    assert read_texts(tmp_path / "a.txt") == ["hello there", "how about a red star"]
+    (tmp_path / "b.jsonl").write_text('"look, a blue circle"\n{"text": "here is a red star", "id": 3}\n\n')
+    assert read_texts(tmp_path / "b.jsonl") == ["look, a blue circle", "here is a red star"]
+    (tmp_path / "c.jsonl").write_text('"ok"\n{"txt": "no text key"}\n')
+    with pytest.raises(ValueError, match="c.jsonl:2"):
+        read_texts(tmp_path / "c.jsonl")
+    (tmp_path / "d.txt").write_text("\n \n")
+    with pytest.raises(ValueError, match="holds no text"):
+        read_texts(tmp_path / "d.txt")
+
+
+def test_model_folder_embedding_file_rules(tmp_path):
+    from unimur.pools import find_model_embeddings
+
+    (tmp_path / "model.safetensors").write_bytes(b"")  # the weights, never a pool
+    assert find_model_embeddings(tmp_path) is None
+    (tmp_path / "cc3m_embeddings.pkl").write_bytes(b"")
+    assert find_model_embeddings(tmp_path).name == "cc3m_embeddings.pkl"
+    (tmp_path / "cc3m_embeddings.safetensors").write_bytes(b"")  # its conversion wins
+    assert find_model_embeddings(tmp_path).name == "cc3m_embeddings.safetensors"
+    (tmp_path / "other.safetensors").write_bytes(b"")
+    with pytest.raises(ValueError, match="several embedding files"):
+        find_model_embeddings(tmp_path)

@@ -1,0 +1,102 @@
+"""Console scripts of the installed package (``pip install .``; see pyproject.toml).
+
+    unimur-train            = python main.py
+    unimur-eval-visdial     = python evals/eval_visdial.py
+    unimur-eval-mmdialog    = python evals/eval_mmdialog.py
+    unimur-extract-vis-emb  = python unimur/extract_vis_emb.py
+    unimur-prune            = python unimur/prune_model_ckpt.py
+    unimur-retrieve         = python -m unimur.retrieve
+    unimur-app              = python -m unimur.app
+    unimur-demo             = python -m unimur.demo
+
+Each takes the same flags as the command on its right. The evaluation commands run the
+repository's ``evals/`` scripts themselves: from a checkout (an editable install) or from the
+copy a wheel ships inside the package (``unimur/_evals/evals``), put on ``sys.path`` only for the
+command's own process, so no top-level ``evals`` package is installed.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+from typing import Sequence
+
+_EVAL_FILES = ("common.py", "eval_visdial.py", "eval_mmdialog.py")
+
+
+def train(argv: Sequence[str] | None = None):
+    """``python main.py``: parse the training flags, launch the process(es), train."""
+    from unimur.cli import parse_args
+    from unimur.launch import launch
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args, cfg = parse_args(argv)
+    return launch(args, cfg, ["unimur-train", *argv])
+
+
+def train_cli() -> int:
+    train()
+    return 0
+
+
+def evals_dir() -> Path:
+    """The folder holding the evaluation scripts: the checkout's ``evals/`` or the packaged copy."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here.parent / "evals", here / "_evals" / "evals"):
+        if all((candidate / f).is_file() for f in _EVAL_FILES):
+            return candidate
+    raise FileNotFoundError(f"the evaluation scripts ({', '.join(_EVAL_FILES)}) are neither in "
+                            f"{here.parent / 'evals'} nor in {here / '_evals' / 'evals'}")
+
+
+def _eval_script(name: str) -> int:
+    folder = evals_dir()
+    loaded = sys.modules.get("evals")
+    if loaded is not None and Path(getattr(loaded, "__file__", "") or "").parent != folder:
+        for key in [k for k in sys.modules if k == "evals" or k.startswith("evals.")]:
+            del sys.modules[key]  # another package named `evals`: ours must win in this process
+    sys.path.insert(0, str(folder.parent))
+    script = importlib.import_module(f"evals.{name}")
+    common = importlib.import_module("evals.common")
+    return common.run_cli(script.main)
+
+
+def eval_visdial() -> int:
+    return _eval_script("eval_visdial")
+
+
+def eval_mmdialog() -> int:
+    return _eval_script("eval_mmdialog")
+
+
+def extract_vis_emb() -> int:
+    from unimur.extract_vis_emb import main
+
+    main()
+    return 0
+
+
+def prune() -> int:
+    from unimur.prune_model_ckpt import main
+
+    main()
+    return 0
+
+
+def retrieve() -> int:
+    from unimur.retrieve import run_cli
+
+    return run_cli()
+
+
+def app() -> int:
+    from unimur.app import main
+    from unimur.retrieve import run_cli
+
+    return run_cli(entry=main)
+
+
+def demo() -> int:
+    from unimur.demo import main
+
+    return main()
