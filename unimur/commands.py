@@ -24,19 +24,36 @@ from typing import Sequence
 _EVAL_FILES = ("common.py", "eval_visdial.py", "eval_mmdialog.py")
 
 
-def train(argv: Sequence[str] | None = None):
-    """``python main.py``: parse the training flags, launch the process(es), train."""
+def train(argv: Sequence[str] | None = None, prog: str = "unimur-train"):
+    """``python main.py``: parse the training flags, then print the memory plan (``--dry-run``)
+    or launch the process(es) and train. Returns rank 0's train state (or the plan)."""
     from unimur.cli import parse_args
     from unimur.launch import launch
 
     argv = list(sys.argv[1:] if argv is None else argv)
     args, cfg = parse_args(argv)
-    return launch(args, cfg, ["unimur-train", *argv])
+    if args.dry_run:
+        return dry_run(args, cfg)
+    return launch(args, cfg, [prog, *argv])
+
+
+def dry_run(args, cfg) -> dict:
+    """Print what the run would need per GPU and per node; start nothing."""
+    import torch
+
+    from unimur.memory_plan import detected_gpu_gib, format_plan, memory_plan
+
+    per_node = args.nprocs or torch.cuda.device_count() or 1
+    nodes = max(1, args.world_size) if args.multiprocessing_distributed else 1
+    plan = memory_plan(cfg, per_node, nodes)
+    print(format_plan(plan, cfg, per_node, nodes, args.gpu_memory or detected_gpu_gib()))
+    return plan
 
 
 def train_cli() -> int:
-    train()
-    return 0
+    from unimur.errors import run_cli
+
+    return run_cli(train)
 
 
 def evals_dir() -> Path:
