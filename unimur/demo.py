@@ -437,6 +437,7 @@ def evaluate(model, model_dir: Path, data: dict[str, Path], meta: dict[str, Any]
 
     from .eval_report import format_table, save_examples_png, write_results
     from .evaluation import evaluate_mmdialog, evaluate_visdial
+    from .synthetic import mmdialog_attribute_labels
 
     embedder = _embedder(model, batch_size)
     everything = 10**9  # keep every query's example: its rank is what the held-out split needs
@@ -452,7 +453,8 @@ def evaluate(model, model_dir: Path, data: dict[str, Path], meta: dict[str, Any]
                         "--n-negatives %s)", tag, model_dir, data["mmdialog_dir"], meta["sizes"]["n_negatives"])
             # the set's own pool size: the protocol's 999 would skip every query of it
             results = evaluate_mmdialog(embedder, data["mmdialog_dir"], n_examples=everything,
-                                        n_negatives=int(meta["sizes"]["n_negatives"]))
+                                        n_negatives=int(meta["sizes"]["n_negatives"]),
+                                        attribute_labels=mmdialog_attribute_labels(data["meta"]))
             subsets, rows = mmdialog_subsets(results, meta)
         results["model"] = model_info(model_dir, embedder)
         if png:
@@ -518,6 +520,12 @@ def results_table(models: dict[str, dict[str, Any]], chance_by_bench: dict[str, 
         lines.append(f"{label:<34}{n if n is not None else '-':>5}  "
                      + "".join(f"{c:>{width}}" for c in cells)
                      + f"{_cell(chance_by_bench[bench]):>{width}}")
+    # the offline encoders share no space, so no CLIP cosine: the labels give an attribute check
+    attr = [models[c].get("mmdialog", {}).get("metrics", {}).get("attribute_consistency") for c in cols]
+    if any(a is not None for a in attr):
+        lines.append(f"{'MMDialog attribute consistency':<34}{'':>5}  "
+                     + "".join(f"{'-' if a is None else f'{100 * a:.1f}':>{width}}" for a in attr)
+                     + f"{'':>{width}}   (% of responses whose top text names an object the top image shows)")
     return "\n".join(lines)
 
 
