@@ -201,3 +201,29 @@ def test_model_folder_embedding_file_rules(tmp_path):
     (tmp_path / "other.safetensors").write_bytes(b"")
     with pytest.raises(ValueError, match="several embedding files"):
         find_model_embeddings(tmp_path)
+
+
+def test_fromage_rules_likelihood_texts_and_ret_token(tiny_pool, capsys, monkeypatch):
+    """--text-ranking likelihood and --image-rule ret-token, as in the evaluation: the texts in
+    order of mean log p(text | dialogue); an image output exactly when [RET] is the argmax."""
+    from unimur.generative import candidate_log_likelihoods
+
+    answer = run_json(capsys, pool_args(tiny_pool, "--query", "look at my circle", "-k", "3",
+                                        "--text-ranking", "likelihood", "--image-rule", "ret-token"))
+    _, means = candidate_log_likelihoods(tiny_pool.model, ["look at my circle"], tiny_pool.texts)
+    order = torch.argsort(-means, stable=True)[:3].tolist()
+    assert [x["text"] for x in answer["texts"]] == [tiny_pool.texts[i] for i in order]
+    assert answer["texts"][0]["score"] == pytest.approx(float(means[order[0]]), abs=1e-4)
+    assert answer["settings"]["text_ranking"] == "likelihood" and answer["image_output"] is False
+    from unimur.model import UniMuR
+
+    plain = UniMuR.lm_logits
+
+    def ret_always(self, hidden):
+        logits = plain(self, hidden)
+        logits[..., self.ret_id] += 1e4
+        return logits
+
+    monkeypatch.setattr(UniMuR, "lm_logits", ret_always)
+    forced = run_json(capsys, pool_args(tiny_pool, "--query", "look at my circle", "--image-rule", "ret-token"))
+    assert forced["image_output"] is True

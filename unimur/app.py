@@ -166,7 +166,7 @@ def _shown_errors():
 
 def _describe(session: Session) -> str:
     n_img = len(session.images) if session.images is not None else 0
-    n_txt = len(session.retriever.texts or [])
+    n_txt = len(session.retriever.texts or session.likelihood_texts or [])
     rule = session.image_rule
     if session.image_threshold is not None:
         rule += f" > {session.image_threshold}"

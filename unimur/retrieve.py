@@ -37,15 +37,17 @@ from typing import Any, Sequence
 
 logger = logging.getLogger("unimur.retrieve")
 
-# The evaluation's response rules (SPEC section 4, MMDialog). A rule added to the evaluation
-# (e.g. ret-token, likelihood ranking) is added here: a name, a description, and a branch in
-# Session.answer.
+# The evaluation's response rules (SPEC section 4, MMDialog; unimur/mmdialog_eval.py): a name, a
+# description, and a branch in Session.answer each.
 IMAGE_RULES = {
     "always": "an image with every response (UniMuR)",
     "threshold": "an image only when the top image's cosine exceeds --image-threshold",
+    "ret-token": "an image only when greedy decoding after the dialogue yields [RET] (FROMAGe; "
+                 "within 1 + --ret-within tokens)",
 }
 TEXT_RANKINGS = {
     "embedding": "cosine of the unified embedding with each text's retrieval-space embedding (UniMuR)",
+    "likelihood": "mean per-token log p(text | dialogue) under the frozen LLM (FROMAGe)",
 }
 
 
@@ -72,8 +74,11 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="when to output an image: " + "; ".join(f"{k}: {v}" for k, v in IMAGE_RULES.items())
                         + " (default: always, or threshold when --image-threshold is given)")
     p.add_argument("--image-threshold", type=float, default=None, metavar="T")
-    p.add_argument("--text-ranking", choices=tuple(TEXT_RANKINGS), default="embedding",
-                   help="; ".join(f"{k}: {v}" for k, v in TEXT_RANKINGS.items()))
+    p.add_argument("--text-ranking", choices=tuple(TEXT_RANKINGS), default=None,
+                   help="; ".join(f"{k}: {v}" for k, v in TEXT_RANKINGS.items())
+                        + " (default: likelihood for a method=fromage model, else embedding)")
+    p.add_argument("--ret-within", type=int, default=0, metavar="N",
+                   help="ret-token: [RET] as the next token or within N further greedy tokens")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
     p.add_argument("--batch-size", type=int, default=64, help="pool embedding batch; default: %(default)s")
     p.add_argument("--cache-dir", default=None, help="--image-dir cache; default: $UNIMUR_CACHE/pools")
@@ -87,8 +92,10 @@ def add_dialogue_file_args(p: argparse.ArgumentParser) -> None:
                         "a dialogue's target turn)")
 
 
-def image_rule_of(args: argparse.Namespace) -> tuple[str, float | None]:
-    rule = args.image_rule or ("threshold" if args.image_threshold is not None else "always")
+def image_rule_of(args: argparse.Namespace, fromage: bool = False) -> tuple[str, float | None]:
+    """The image rule (default as in the evaluation: FROMAGe's for a method=fromage model)."""
+    rule = args.image_rule or ("threshold" if args.image_threshold is not None
+                               else "ret-token" if fromage else "always")
     if rule == "threshold" and args.image_threshold is None:
         raise ValueError("--image-rule threshold needs --image-threshold T")
     if rule != "threshold" and args.image_threshold is not None:
@@ -114,6 +121,8 @@ class Session:
     text_ranking: str = "embedding"
     image_root: str | None = None
     settings: dict = field(default_factory=dict)
+    likelihood_texts: list[str] | None = None   # the text pool, ranked by LLM likelihood
+    ret_within: int = 0
 
     @classmethod
     def open(cls, args: argparse.Namespace) -> "Session":
@@ -125,8 +134,9 @@ class Session:
         from unimur.pretrained import read_model_config
         from unimur.retriever import Retriever
 
-        rule, threshold = image_rule_of(args)
-        read_model_config(args.model_dir)  # a wrong folder fails before the model loads
+        fromage = read_model_config(args.model_dir).method == "fromage"  # a wrong folder fails here
+        rule, threshold = image_rule_of(args, fromage)
+        ranking = args.text_ranking or ("likelihood" if fromage else "embedding")
         texts = read_texts(args.texts) if args.texts else None
         images_file = args.images
         if not images_file and not args.image_dir:
@@ -144,9 +154,12 @@ class Session:
         model = UniMuR.from_pretrained(args.model_dir, device=device)
         sha = json.loads((Path(args.model_dir) / "manifest.json").read_text())["weights_sha256"]
         images = _image_pool(model, args, images_file, sha)
-        retriever = Retriever.from_model(model, images, texts, batch_size=args.batch_size)
+        # likelihood ranking scores the texts per dialogue: they are not embedded up front
+        retriever = Retriever.from_model(model, images, texts if ranking == "embedding" else None,
+                                         batch_size=args.batch_size)
         return cls(retriever, str(args.model_dir), images_file or args.image_dir, args.texts, rule,
-                   threshold, args.text_ranking, args.image_root or args.image_dir)
+                   threshold, ranking, args.image_root or args.image_dir,
+                   likelihood_texts=texts if ranking == "likelihood" else None, ret_within=args.ret_within)
 
     @property
     def images(self):
@@ -162,17 +175,30 @@ class Session:
         images = [{"rank": r, "id": i, "score": round(s, 4),
                    "file": str(f) if (f := image_file(i, self.images, self.image_root)) else None}
                   for r, (i, s) in enumerate(result.images, 1)]
-        texts = [{"rank": r, "text": t, "score": round(s, 4)} for r, (t, s) in enumerate(result.texts, 1)]
+        ranked = result.texts if self.likelihood_texts is None else self._by_likelihood(pieces, k)
+        texts = [{"rank": r, "text": t, "score": round(s, 4)} for r, (t, s) in enumerate(ranked, 1)]
         output = None
-        if images:  # the evaluation's rule: threshold compares the top image's cosine, strictly
-            output = self.image_rule == "always" or result.images[0][1] > self.image_threshold
+        if images:  # the evaluation's rules: threshold compares the top image's cosine, strictly
+            if self.image_rule == "ret-token":
+                output = bool(self.retriever.embedder.generates_ret([list(pieces)], self.ret_within)[0])
+            else:
+                output = self.image_rule == "always" or result.images[0][1] > self.image_threshold
         return {"images": images, "texts": texts, "image_output": output,
                 "settings": {"model_dir": self.model_dir, "image_pool": self.image_source,
                              "image_pool_size": len(self.images) if self.images is not None else 0,
                              "text_pool": self.text_source,
-                             "text_pool_size": len(self.retriever.texts or []),
+                             "text_pool_size": len(self.retriever.texts or self.likelihood_texts or []),
                              "image_rule": self.image_rule, "image_threshold": self.image_threshold,
                              "text_ranking": self.text_ranking, "k": k}}
+
+
+    def _by_likelihood(self, pieces: Sequence, k: int) -> list[tuple[str, float]]:
+        """Top-k texts by mean per-token log p(text | dialogue) (ties: pool order)."""
+        import torch
+
+        _, means = self.retriever.embedder.text_log_likelihoods(list(pieces), self.likelihood_texts)
+        order = torch.argsort(-means, stable=True)[:k].tolist()
+        return [(self.likelihood_texts[i], float(means[i])) for i in order]
 
 
 def _image_pool(model, args: argparse.Namespace, images_file: str | None, sha: str):
@@ -202,8 +228,9 @@ def format_answer(answer: dict[str, Any], dialogue: Sequence[str]) -> str:
         lines.append(f"\ntop-{len(answer['images'])} images  (pool: {s['image_pool']}, "
                      f"{s['image_pool_size']} images)")
         if not answer["image_output"]:
-            lines.append(f"  no image output: the top score is not above {s['image_threshold']} "
-                         f"(candidates shown anyway)")
+            why = ("the model did not generate [RET]" if s["image_rule"] == "ret-token"
+                   else f"the top score is not above {s['image_threshold']}")
+            lines.append(f"  no image output: {why} (candidates shown anyway)")
         lines.append(f"  {'rank':>4}  {'score':>7}  image")
         lines += [f"  {x['rank']:>4}  {x['score']:7.4f}  {x['id']}" for x in answer["images"]]
     if answer["texts"]:
