@@ -32,8 +32,10 @@ class FromageStub:
         return means * torch.tensor([len(c.split()) for c in candidates]), means
 
     def generates_ret(self, contexts, within=0):
-        self.ret_calls.append(within)
-        return torch.tensor(self.ret_flags[: len(contexts)])
+        """The flags of these contexts: the evaluation asks in query order, chunk by chunk."""
+        start = sum(n for _, n in self.ret_calls)
+        self.ret_calls.append((within, len(contexts)))
+        return torch.tensor(self.ret_flags[start:start + len(contexts)])
 
 
 def test_ret_token_rule_and_overall_counts_missed_images(tmp_path):

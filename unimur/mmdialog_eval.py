@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from dataclasses import dataclass, replace
+from collections import OrderedDict
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -16,13 +17,12 @@ from .embeddings import ImageEmbeddings
 from .eval_core import (EXAMPLE_TOP_K, N_EXAMPLES, _add, _check_dims, _ranked, _split_counts, _timing,
                         _valid, supports_text_retrieval)
 from .mmdialog import MMDialogQuery, load_mmdialog, media_path
-from .retrieval import ranks_in_pools, recall_metrics
+from .pool_scoring import _Pools, _Scored
+from .retrieval import recall_metrics
 from .retriever import Embedder
 
 logger = logging.getLogger(__name__)
 
-# Gathered pool embeddings scored at once: [chunk, P, E] floats (~128 MB at this size).
-_GATHER_ELEMENTS = 1 << 25
 # MMDialog reader reasons by what they remove.
 _MMDIALOG_DIALOGUE_REASONS = {"too_few_turns", "malformed_dialogue", "malformed_json_line"}
 _MMDIALOG_QUERY_REASONS = {"empty_target_turn", "missing_target_image", "empty_context"}
@@ -30,63 +30,6 @@ _MMDIALOG_QUERY_REASONS = {"empty_target_turn", "missing_target_image", "empty_c
 _MMDIALOG_POOL_REASONS = {f"{n}_negative_{m}" for n in ("no", "too_few") for m in ("images", "texts")}
 # MMDialog's protocol: 999 negative texts and 999 negative images per dialogue (SPEC section 4).
 MMDIALOG_NEGATIVES = 999
-
-
-@dataclass
-class _Pools:
-    """Per-query candidate pools padded to a common width P.
-
-    index:    [Q, P] int64 row of each candidate in its embedding table (0 at padding).
-    positive: [Q, P] bool, True at ground-truth elements (the last columns of each pool).
-    valid:    [Q, P] bool, False at padding.
-    """
-
-    index: Tensor
-    positive: Tensor
-    valid: Tensor
-
-    @classmethod
-    def build(cls, negatives: Sequence[Sequence[int]], positives: Sequence[Sequence[int]]
-              ) -> "_Pools":
-        """Pools laid out as negatives then positives (ties count against the positives)."""
-        rows = [list(n) + list(p) for n, p in zip(negatives, positives)]
-        width = max((len(r) for r in rows), default=0)
-        index = torch.zeros(len(rows), width, dtype=torch.long)
-        positive = torch.zeros(len(rows), width, dtype=torch.bool)
-        valid = torch.zeros(len(rows), width, dtype=torch.bool)
-        for q, (row, pos) in enumerate(zip(rows, positives)):
-            index[q, :len(row)] = torch.tensor(row, dtype=torch.long)
-            valid[q, :len(row)] = True
-            positive[q, len(row) - len(pos):len(row)] = True
-        return cls(index, positive, valid)
-
-    def sizes(self) -> dict[str, float]:
-        n = self.valid.sum(dim=1).float()
-        if n.numel() == 0:
-            return {"min": 0, "mean": 0.0, "max": 0}
-        return {"min": int(n.min()), "mean": round(float(n.mean()), 2), "max": int(n.max())}
-
-
-@torch.no_grad()
-def _pool_scores(u: Tensor, table: Tensor, pools: _Pools) -> Tensor:
-    """Cosine of each query with each of its pool's candidates.
-
-    Args:
-        u: [Q, E] normalised query embeddings.
-        table: [N, E] normalised candidate embeddings; ``pools.index`` points into it.
-    Returns:
-        [Q, P] float32 scores, -inf at padding. Computed by gathering [chunk, P, E] candidate
-        rows (pools are per query, so a shared [Q, N] matrix would mostly be wasted work).
-    """
-    q_total, width = pools.index.shape
-    out = torch.full((q_total, width), float("-inf"))
-    if width == 0 or q_total == 0:
-        return out
-    chunk = max(1, _GATHER_ELEMENTS // (width * table.shape[1]))
-    for s in range(0, q_total, chunk):
-        rows = table[pools.index[s:s + chunk]].float()                  # [c, P, E]
-        out[s:s + chunk] = torch.einsum("ce,cpe->cp", u[s:s + chunk].float(), rows)
-    return out.masked_fill_(~pools.valid, float("-inf"))
 
 
 class _MediaTable:
@@ -247,52 +190,6 @@ def _image_pools(queries: Sequence[MMDialogQuery], table: _MediaTable) -> _Pools
                         [[table.row(k) for k in q.gt_media_keys] for q in queries])
 
 
-@dataclass
-class _Scored:
-    """One modality's scores and ranks.
-
-    scores: [Q, P] (-inf at padding); ranks: [num gt elements] aligned with
-    ``pools.positive.nonzero()``; top_score / top_col: [Q] best score and its pool column.
-    """
-
-    pools: _Pools
-    scores: Tensor
-    ranks: Tensor
-    top_score: Tensor
-    top_col: Tensor
-
-    @classmethod
-    def compute(cls, u: Tensor, table: Tensor, pools: _Pools) -> "_Scored":
-        return cls.from_scores(_pool_scores(u, table, pools), pools)
-
-    @classmethod
-    def from_scores(cls, scores: Tensor, pools: _Pools) -> "_Scored":
-        """From [Q, P] scores in pool layout (-inf at padding)."""
-        scores = scores.masked_fill(~pools.valid, float("-inf"))
-        ranks = ranks_in_pools(scores, pools.positive, pools.valid)
-        if scores.shape[1]:
-            top_score, top_col = scores.max(dim=1)  # first maximum: ties -> lower column
-        else:
-            top_score = torch.full((scores.shape[0],), float("-inf"))
-            top_col = torch.zeros(scores.shape[0], dtype=torch.long)
-        return cls(pools, scores, ranks, top_score, top_col)
-
-    def has_output(self) -> Tensor:
-        """[Q] bool: the pool is not empty, so there is a top-1 to output."""
-        return self.pools.valid.any(dim=1)
-
-    def top_rows(self) -> Tensor:
-        """[Q] table row of each query's top-1 candidate (meaningless where not has_output)."""
-        return self.pools.index.gather(1, self.top_col[:, None])[:, 0]
-
-    def ranks_per_query(self) -> list[list[int]]:
-        rows = self.pools.positive.nonzero()[:, 0].tolist()
-        out: list[list[int]] = [[] for _ in range(self.scores.shape[0])]
-        for r, rank in zip(rows, self.ranks.tolist()):
-            out[r].append(rank)
-        return out
-
-
 IMAGE_RULES = ("always", "threshold", "ret-token")
 TEXT_RANKINGS = ("embedding", "likelihood")
 
@@ -360,24 +257,80 @@ def _attribute_consistency(labels, embeddings: ImageEmbeddings, images: _Scored,
 
 
 def _consistency(embedder: Embedder, embeddings: ImageEmbeddings, images: _Scored,
-                 image_out: Tensor, text_table: list[str], texts: _Scored) -> tuple[float | None, int]:
-    """Mean CLIP cosine between the top-1 image (CLIP-V) and top-1 text (CLIP-T) of each query
-    that outputs both; (None, 0) when there is no such query or no CLIP-V embedding."""
+                 image_out: Tensor, text_table: list[str], texts: _Scored) -> tuple[float, int]:
+    """Summed CLIP cosine between the top-1 image (CLIP-V) and top-1 text (CLIP-T) of each query
+    that outputs both, and how many: (0.0, 0) when none does or there is no CLIP-V embedding."""
     both = image_out & texts.has_output()
     if embeddings.clip_embeds is None or not bool(both.any()):
-        return None, 0
+        return 0.0, 0
     idx = both.nonzero()[:, 0]
     clip_v = embeddings.clip_embeds[images.top_rows()[idx]].float().cpu()          # [n, Dv]
     top_texts = [text_table[int(r)] for r in texts.top_rows()[idx]]
     clip_t = embedder.clip_text_embeds(top_texts).float().cpu()                     # [n, Dv]
-    return float((clip_v * clip_t).sum(dim=1).mean()), int(idx.numel())
+    return float((clip_v * clip_t).sum()), int(idx.numel())
+
+
+class _TextEmbeddingCache:
+    """Candidate-text embeddings, computed per chunk of dialogues and kept only while recent:
+    MMDialog's negatives mostly differ from dialogue to dialogue (millions of distinct texts in
+    the test split), so one table of all of them would grow with the split; texts that do
+    repeat across neighbouring chunks are embedded once. At most ``max_items`` rows are kept."""
+
+    def __init__(self, embedder: Embedder, max_items: int = 200_000):
+        self.embedder, self.max_items = embedder, max_items
+        self.rows: OrderedDict[str, Tensor] = OrderedDict()
+        self.embedded = 0  # texts sent to the embedder (for throughput figures)
+
+    def table(self, texts: list[str]) -> Tensor:
+        """[len(texts), E] embeddings of distinct ``texts``, in order."""
+        missing = [t for t in texts if t not in self.rows]
+        if missing:
+            fresh = self.embedder.embed_texts(missing).float().cpu()
+            self.embedded += len(missing)
+            self.rows.update(zip(missing, [row.clone() for row in fresh]))  # no view pins a chunk
+        out = torch.stack([self.rows[t] for t in texts]) if texts else torch.empty(0, 0)
+        for t in texts:
+            self.rows.move_to_end(t)
+        while len(self.rows) > self.max_items:
+            self.rows.popitem(last=False)
+        return out
+
+
+@dataclass
+class _Totals:
+    """What the chunks of an MMDialog evaluation leave behind: ranks and per-query outputs, no
+    embedding tables (so memory does not grow with the number of dialogues' candidates)."""
+
+    text: list = field(default_factory=list)
+    text_sum: list = field(default_factory=list)
+    image: list = field(default_factory=list)
+    overall: list = field(default_factory=list)
+    image_out: list = field(default_factory=list)
+    text_pool: list = field(default_factory=list)
+    image_pool: list = field(default_factory=list)
+    gt_texts: int = 0
+    gt_images: int = 0
+    consistency: list = field(default_factory=lambda: [0.0, 0])
+    attribute: list = field(default_factory=lambda: [0, 0])
+    examples: list = field(default_factory=list)
+
+    @staticmethod
+    def cat(parts: list, dtype=torch.long) -> Tensor:
+        return torch.cat(parts) if parts else torch.empty(0, dtype=dtype)
+
+
+def _pool_sizes(valid_counts: Tensor) -> dict[str, float]:
+    n = valid_counts.float()
+    if n.numel() == 0:
+        return {"min": 0, "mean": 0.0, "max": 0}
+    return {"min": int(n.min()), "mean": round(float(n.mean()), 2), "max": int(n.max())}
 
 
 def evaluate_mmdialog(embedder: Embedder, mmdialog_dir: str | Path, *, split: str = "test",
                       target: str = "last", embeddings: ImageEmbeddings | None = None,
                       image_threshold: float | None = None, n_examples: int = N_EXAMPLES,
                       image_rule: str | None = None, text_ranking: str = "embedding", ret_within: int = 0,
-                      attribute_labels=None,
+                      attribute_labels=None, chunk_size: int = 64,
                       n_negatives: int = MMDIALOG_NEGATIVES,
                       data: tuple[list[MMDialogQuery], Counter] | None = None) -> dict[str, Any]:
     """MMDialog multimodal response retrieval (SPEC section 4).
@@ -397,6 +350,8 @@ def evaluate_mmdialog(embedder: Embedder, mmdialog_dir: str | Path, *, split: st
             else "always".
         text_ranking: "embedding" (UniMuR: cosine with u) or "likelihood" (FROMAGe: log p(text |
             context) under the frozen LLM; mean per token ranks, the sum is reported too).
+        chunk_size: dialogues embedded and scored together; candidate texts are embedded per
+            chunk (recent ones cached), so memory does not grow with the number of dialogues.
         attribute_labels: what each image shows and each text names (the synthetic sets know:
             `unimur.synthetic.mmdialog_attribute_labels`); adds the attribute consistency.
         n_negatives: the protocol's pool size, negatives per modality (999 in MMDialog); a query
@@ -428,32 +383,24 @@ def evaluate_mmdialog(embedder: Embedder, mmdialog_dir: str | Path, *, split: st
     table = _MediaTable(embeddings)
     queries = _prepare_queries(queries, table, given, skipped, n_negatives, with_text)
 
-    contexts = _contexts(queries, table)
-    u = embedder.embed_queries(contexts).float().cpu()                            # [Q, E]
-    _check_dims(u, embeddings.embeds, "the image embeddings")
-    images = _Scored.compute(u, embeddings.embeds, _image_pools(queries, table))
-    text_table, text_pools = _text_pools(queries)
-    texts = texts_sum = None
-    if text_ranking == "likelihood":
-        texts, texts_sum = _likelihood_texts(embedder, contexts, text_table, text_pools)
-    elif with_text:
-        text_embeds = embedder.embed_texts(text_table).float().cpu()               # [N_text, E]
-        _check_dims(u, text_embeds, "the text embeddings")
-        texts = _Scored.compute(u, text_embeds, text_pools)
-
-    generated_ret = embedder.generates_ret(contexts, ret_within) if image_rule == "ret-token" else None
-    image_out = _image_outputs(images, image_rule, image_threshold, generated_ret)
-    consistency, n_pairs = (_consistency(embedder, embeddings, images, image_out, text_table, texts)
-                            if texts is not None else (None, 0))
-    attribute, n_attribute = ((_attribute_consistency(attribute_labels, embeddings, images, image_out,
-                                                      text_table, texts))
-                              if texts is not None and attribute_labels is not None else (None, 0))
+    totals, text_cache = _Totals(), _TextEmbeddingCache(embedder)
+    for begin in range(0, len(queries), chunk_size):
+        _evaluate_chunk(queries[begin:begin + chunk_size], embedder, table, text_cache, totals,
+                        with_text=with_text, text_ranking=text_ranking, image_rule=image_rule,
+                        image_threshold=image_threshold, ret_within=ret_within,
+                        attribute_labels=attribute_labels, mmdialog_dir=mmdialog_dir, split=split,
+                        n_examples=n_examples)
+    texts_on = with_text and bool(totals.text)
+    image_out = _Totals.cat(totals.image_out, torch.bool)
+    (c_sum, n_pairs), (a_hits, n_attribute) = totals.consistency, totals.attribute
+    consistency = c_sum / n_pairs if n_pairs else None
+    attribute = a_hits / n_attribute if n_attribute else None
     notes = _mmdialog_notes(with_text, embeddings, consistency, attribute_labels is not None)
     metrics = {
-        "text": recall_metrics(texts.ranks) if texts is not None else None,
-        "text_sum_loglik": recall_metrics(texts_sum.ranks) if texts_sum is not None else None,
-        "image": recall_metrics(images.ranks),
-        "overall": recall_metrics(_overall_ranks(texts, images, image_out)) if texts is not None else None,
+        "text": recall_metrics(_Totals.cat(totals.text)) if texts_on else None,
+        "text_sum_loglik": recall_metrics(_Totals.cat(totals.text_sum)) if totals.text_sum else None,
+        "image": recall_metrics(_Totals.cat(totals.image)),
+        "overall": recall_metrics(_Totals.cat(totals.overall)) if texts_on else None,
         "image_retrieval_rate": float(image_out.float().mean()),
         "cross_modal_consistency": consistency,
         "attribute_consistency": attribute,
@@ -501,16 +448,58 @@ def evaluate_mmdialog(embedder: Embedder, mmdialog_dir: str | Path, *, split: st
             "queries_skipped": (sum(counts["skipped_queries"].values())
                                 + sum(counts["skipped_dialogues"].values())),
             **counts, "unreadable_images": dict(sorted(image_skips.items())),
-            "gt_texts": int(text_pools.positive.sum()), "gt_images": int(images.pools.positive.sum()),
-            "pool_sizes": {"text": text_pools.sizes(), "image": images.pools.sizes()},
+            "gt_texts": totals.gt_texts, "gt_images": totals.gt_images,
+            "pool_sizes": {"text": _pool_sizes(_Totals.cat(totals.text_pool)),
+                           "image": _pool_sizes(_Totals.cat(totals.image_pool))},
+            "texts_embedded": text_cache.embedded, "chunk_size": chunk_size,
             "image_outputs": int(image_out.sum()), "consistency_pairs": n_pairs,
             "attribute_consistency_pairs": n_attribute,
         },
         "timing": _timing(t0, len(queries)),
-        "examples": _mmdialog_examples(queries, mmdialog_dir, split, table, images, texts,
-                                       text_table, image_out, n_examples),
+        "examples": totals.examples,
         "notes": notes,
     }
+
+
+def _evaluate_chunk(part: list[MMDialogQuery], embedder: Embedder, table: _MediaTable,
+                    text_cache: _TextEmbeddingCache, totals: _Totals, *, with_text: bool,
+                    text_ranking: str, image_rule: str, image_threshold: float | None, ret_within: int,
+                    attribute_labels, mmdialog_dir, split: str, n_examples: int) -> None:
+    """Embed, score and rank one chunk of queries; add what it leaves behind to ``totals``."""
+    embeddings = table.embeddings
+    contexts = _contexts(part, table)
+    u = embedder.embed_queries(contexts).float().cpu()                            # [c, E]
+    _check_dims(u, embeddings.embeds, "the image embeddings")
+    images = _Scored.compute(u, embeddings.embeds, _image_pools(part, table))
+    text_table, text_pools = _text_pools(part)
+    texts = None
+    if text_ranking == "likelihood":
+        texts, texts_sum = _likelihood_texts(embedder, contexts, text_table, text_pools)
+        totals.text_sum.append(texts_sum.ranks)
+    elif with_text:
+        text_embeds = text_cache.table(text_table)                               # [N_chunk, E]
+        _check_dims(u, text_embeds, "the text embeddings")
+        texts = _Scored.compute(u, text_embeds, text_pools)
+    generated_ret = embedder.generates_ret(contexts, ret_within) if image_rule == "ret-token" else None
+    image_out = _image_outputs(images, image_rule, image_threshold, generated_ret)
+    totals.image.append(images.ranks)
+    totals.image_out.append(image_out)
+    totals.image_pool.append(images.pools.valid.sum(1))
+    totals.gt_images += int(images.pools.positive.sum())
+    totals.text_pool.append(text_pools.valid.sum(1))
+    totals.gt_texts += int(text_pools.positive.sum())
+    if texts is not None:
+        totals.text.append(texts.ranks)
+        totals.overall.append(_overall_ranks(texts, images, image_out))
+        c_sum, c_n = _consistency(embedder, embeddings, images, image_out, text_table, texts)
+        totals.consistency = [totals.consistency[0] + c_sum, totals.consistency[1] + c_n]
+        if attribute_labels is not None:
+            a, a_n = _attribute_consistency(attribute_labels, embeddings, images, image_out, text_table, texts)
+            totals.attribute = [totals.attribute[0] + round((a or 0) * a_n), totals.attribute[1] + a_n]
+    wanted = n_examples - len(totals.examples)
+    if wanted > 0:
+        totals.examples += _mmdialog_examples(part, mmdialog_dir, split, table, images, texts,
+                                              text_table, image_out, wanted)
 
 
 def _mmdialog_notes(with_text: bool, embeddings: ImageEmbeddings, consistency: float | None,
