@@ -70,6 +70,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="embedding (UniMuR: cosine with u) or likelihood (FROMAGe: log p(text | "
                         "context) under the frozen LLM); default: likelihood for a method=fromage "
                         "model (it has no text space), else embedding")
+    p.add_argument("--chunk-size", type=int, default=64, metavar="N",
+                   help="dialogues embedded and scored together (memory does not grow with the "
+                        "split); default: %(default)s")
     p.add_argument("--attribute-labels", default=None, metavar="META.json",
                    help="labels for the attribute consistency (a synthetic set's meta.json); "
                         "default: <mmdialog-dir>/../meta.json when it is a synthetic set's")
@@ -109,7 +112,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                                 embeddings=embeddings, image_threshold=args.image_threshold,
                                 n_negatives=args.n_negatives, data=data, image_rule=image_rule,
                                 text_ranking=text_ranking, ret_within=args.ret_within,
-                                attribute_labels=labels)
+                                attribute_labels=labels, chunk_size=args.chunk_size)
     results["settings"]["attribute_labels"] = str(labels_path) if labels_path else None
     results["settings"]["embeddings_file"] = str(Path(args.embeddings).resolve()) if args.embeddings else None
     results["settings"]["embeddings_check"] = embeddings_check

@@ -369,6 +369,8 @@ def evaluate_mmdialog(embedder: Embedder, mmdialog_dir: str | Path, *, split: st
                          f"{IMAGE_RULES} / {TEXT_RANKINGS}")
     if (image_rule == "threshold") != (image_threshold is not None):
         raise ValueError("an image threshold goes with image_rule='threshold' (and only with it)")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     if n_negatives < 1:
         raise ValueError(f"n_negatives must be >= 1 (the negatives per modality of a full pool), "
                          f"got {n_negatives}")
