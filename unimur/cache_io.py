@@ -22,7 +22,15 @@ from typing import Any, Iterable
 import numpy as np
 import torch
 
-from .cache_miss import CacheMiss
+
+class CacheMiss(Exception):
+    """No usable cache. kind: ``missing`` (never built), ``stale`` (key changed), ``corrupt``."""
+
+    def __init__(self, kind: str, detail: str):
+        super().__init__(f"{kind}: {detail}")
+        self.kind = kind
+        self.detail = detail
+
 
 _SAFETENSORS_DTYPES = {
     torch.float32: "F32",

@@ -64,7 +64,7 @@ from .data import (
     RowTable,
 )
 from .cache_io import _read_safetensors, _write_safetensors, file_stamp  # noqa: F401 (tests use them via fc)
-from .cache_miss import CacheMiss
+from .cache_io import CacheMiss
 from .checkpoint import file_sha256
 from .distributed import barrier, get_rank, get_world_size, is_initialized, is_main_process
 
