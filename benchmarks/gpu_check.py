@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -30,6 +29,8 @@ from unimur.config import LossConfig, ModelConfig  # noqa: E402
 from unimur.loss import UniMuRLoss  # noqa: E402
 from unimur.model import UniMuR  # noqa: E402
 from unimur.tokenizer import build_tokenizer, tokenize_captions  # noqa: E402
+
+from bench_train_step import timeit as timed  # noqa: E402  (benchmarks/ is on sys.path)
 
 WORDS = "a large red circle on the left of a small blue square above a green star near the top".split()
 
@@ -47,21 +48,6 @@ def build(llm: str, visual: str, dtype: str, device: torch.device) -> UniMuR:
         enc = load_encoders(visual, weights=False)
     tok, ret_id = build_tokenizer("tiny-opt")  # GPT-2 BPE: OPT's vocabulary, no hub needed
     return UniMuR(cfg, lm, enc, tok, ret_id).to(device).train()
-
-
-def timed(fn, repeats: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    out = []
-    for _ in range(repeats):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        out.append(time.perf_counter() - t)
-    return statistics.median(out)
 
 
 def main(argv=None) -> None:
