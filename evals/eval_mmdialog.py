@@ -28,7 +28,7 @@ from evals.common import (add_common_args, check_embeddings_model, check_model_d
                           model_info, report, require_path, run_cli)
 from unimur.evaluation import MMDIALOG_NEGATIVES, evaluate_mmdialog  # noqa: E402
 from unimur.mmdialog import TARGETS, conversations_path, load_mmdialog  # noqa: E402
-from unimur.mmdialog_eval import IMAGE_RULES, TEXT_RANKINGS  # noqa: E402
+from unimur.mmdialog_eval import IMAGE_RULES, TEXT_RANKINGS, response_rules  # noqa: E402
 from unimur.pretrained import read_model_config  # noqa: E402
 from unimur.synthetic import mmdialog_attribute_labels  # noqa: E402
 
@@ -98,12 +98,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         embeddings = load_image_embeddings(args.embeddings, allow_pickle=args.allow_pickle)
         embeddings_check = check_embeddings_model(embeddings, args.embeddings, args.model_dir,
                                                   args.allow_embeddings_mismatch)
-    fromage = read_model_config(args.model_dir).method == "fromage"  # FROMAGe's own inference rules
-    image_rule = args.image_rule or ("threshold" if args.image_threshold is not None
-                                     else "ret-token" if fromage else "always")
-    text_ranking = args.text_ranking or ("likelihood" if fromage else "embedding")
-    if (image_rule == "threshold") != (args.image_threshold is not None):
-        raise ValueError("--image-threshold goes with --image-rule threshold (and only with it)")
+    image_rule, text_ranking = response_rules(read_model_config(args.model_dir).method, args.image_rule,
+                                              args.text_ranking, args.image_threshold)
     labels_path = args.attribute_labels or _synthetic_meta(args.mmdialog_dir)
     labels = mmdialog_attribute_labels(labels_path) if labels_path else None
     embedder = load_embedder(args.model_dir, args.device, args.batch_size, args.num_workers,

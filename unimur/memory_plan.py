@@ -40,8 +40,7 @@ def memory_plan(cfg: Config, ranks_per_node: int, nodes: int = 1) -> dict[str, f
     s = cfg.model.n_visual_tokens + cfg.data.max_len             # caption pass length
     h, layers = llm_cfg.hidden_size, llm_cfg.num_hidden_layers
     heads = llm_cfg.num_attention_heads
-    act_bytes = BYTES[cfg.train.precision if cfg.train.precision != "fp32" else "fp32"]
-    scale = act_bytes / 2                                        # the formula is for 16-bit
+    scale = BYTES[cfg.train.precision] / 2                       # the formula is for 16-bit
     caption = 0.0
     if cfg.train.loss.l_cap:
         caption = layers * (34 * s * b * h + 5 * heads * s * s * b) * scale

@@ -194,6 +194,25 @@ IMAGE_RULES = ("always", "threshold", "ret-token")
 TEXT_RANKINGS = ("embedding", "likelihood")
 
 
+def response_rules(method: str, image_rule: str | None = None, text_ranking: str | None = None,
+                   image_threshold: float | None = None) -> tuple[str, str]:
+    """(image_rule, text_ranking) with each method's own defaults: FROMAGe answers its way
+    (ret-token, likelihood: it has no text space), UniMuR always outputs both modalities and
+    ranks texts by embedding; a threshold implies the threshold rule, and goes only with it."""
+    fromage = method == "fromage"
+    image_rule = image_rule or ("threshold" if image_threshold is not None
+                                else "ret-token" if fromage else "always")
+    text_ranking = text_ranking or ("likelihood" if fromage else "embedding")
+    if image_rule not in IMAGE_RULES or text_ranking not in TEXT_RANKINGS:
+        raise ValueError(f"image_rule {image_rule!r} / text_ranking {text_ranking!r}: expected one of "
+                         f"{IMAGE_RULES} / {TEXT_RANKINGS}")
+    if image_rule == "threshold" and image_threshold is None:
+        raise ValueError("--image-rule threshold needs --image-threshold T")
+    if image_rule != "threshold" and image_threshold is not None:
+        raise ValueError(f"--image-threshold applies to --image-rule threshold, not {image_rule}")
+    return image_rule, text_ranking
+
+
 def _image_outputs(images: _Scored, rule: str, threshold: float | None, generated_ret: Tensor | None
                    ) -> Tensor:
     """[Q] bool: whether the system outputs an image (always only when the pool has one).
@@ -244,16 +263,13 @@ def _overall_ranks(texts: _Scored, images: _Scored, image_out: Tensor) -> Tensor
 
 
 def _attribute_consistency(labels, embeddings: ImageEmbeddings, images: _Scored, image_out: Tensor,
-                           text_table: list[str], texts: _Scored) -> tuple[float | None, int]:
-    """Share of responses with both outputs whose top-1 text names an object (its attribute
-    tuple) that the top-1 image shows; a text naming nothing counts as inconsistent."""
-    both = (image_out & texts.has_output()).nonzero()[:, 0]
-    if not len(both):
-        return None, 0
-    ids = embeddings.ids
-    hits = [labels.text(text_table[int(texts.top_rows()[q])]) in labels.image(ids[int(images.top_rows()[q])])
-            for q in both.tolist()]
-    return sum(hits) / len(hits), len(hits)
+                           text_table: list[str], texts: _Scored) -> tuple[int, int]:
+    """(consistent, responses) over responses with both outputs: consistent when the top-1 text
+    names an object (its attribute tuple) that the top-1 image shows; naming nothing is not."""
+    both = (image_out & texts.has_output()).nonzero()[:, 0].tolist()
+    ids, top_texts, top_images = embeddings.ids, texts.top_rows(), images.top_rows()
+    hits = [labels.text(text_table[int(top_texts[q])]) in labels.image(ids[int(top_images[q])]) for q in both]
+    return sum(hits), len(hits)
 
 
 def _consistency(embedder: Embedder, embeddings: ImageEmbeddings, images: _Scored,
@@ -363,12 +379,7 @@ def evaluate_mmdialog(embedder: Embedder, mmdialog_dir: str | Path, *, split: st
     Returns the results dict described in the module docstring.
     """
     t0 = time.perf_counter()
-    image_rule = image_rule or ("threshold" if image_threshold is not None else "always")
-    if image_rule not in IMAGE_RULES or text_ranking not in TEXT_RANKINGS:
-        raise ValueError(f"image_rule {image_rule!r} / text_ranking {text_ranking!r}: expected one of "
-                         f"{IMAGE_RULES} / {TEXT_RANKINGS}")
-    if (image_rule == "threshold") != (image_threshold is not None):
-        raise ValueError("an image threshold goes with image_rule='threshold' (and only with it)")
+    image_rule, text_ranking = response_rules("unimur", image_rule, text_ranking, image_threshold)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     if n_negatives < 1:
@@ -496,8 +507,8 @@ def _evaluate_chunk(part: list[MMDialogQuery], embedder: Embedder, table: _Media
         c_sum, c_n = _consistency(embedder, embeddings, images, image_out, text_table, texts)
         totals.consistency = [totals.consistency[0] + c_sum, totals.consistency[1] + c_n]
         if attribute_labels is not None:
-            a, a_n = _attribute_consistency(attribute_labels, embeddings, images, image_out, text_table, texts)
-            totals.attribute = [totals.attribute[0] + round((a or 0) * a_n), totals.attribute[1] + a_n]
+            hits, n = _attribute_consistency(attribute_labels, embeddings, images, image_out, text_table, texts)
+            totals.attribute = [totals.attribute[0] + hits, totals.attribute[1] + n]
     wanted = n_examples - len(totals.examples)
     if wanted > 0:
         totals.examples += _mmdialog_examples(part, mmdialog_dir, split, table, images, texts,

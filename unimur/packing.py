@@ -49,15 +49,15 @@ def concat_pairs(mask: Tensor, *aligned: Tensor, pad: tuple[float | int, ...] | 
         both = torch.cat([x[first], x[second]], dim=1)
         idx = order.view(*order.shape, *([1] * (x.dim() - 2))).expand(-1, -1, *x.shape[2:])
         out.append(both.gather(1, idx)[:, :width])
-    if n % 2:  # the odd one out, alone, padded to the packed width
-        last = [mask[-1:], *(x[-1:] for x in aligned)]
-        fills = (0, *pad)
-        for i, (x, fill) in enumerate(zip(last, fills)):
-            w = max(width, t)
-            ext = x.new_full((1, w, *x.shape[2:]), fill)
-            ext[:, :t] = x
-            if w > out[i].shape[1]:
-                grow = out[i].new_full((out[i].shape[0], w - out[i].shape[1], *out[i].shape[2:]), fill)
-                out[i] = torch.cat([out[i], grow], dim=1)
-            out[i] = torch.cat([out[i], ext], dim=0)
+    if n % 2:  # the odd one out, alone: both parts padded to one width, then stacked
+        w = max(width, t)
+        out = [torch.cat([_pad_to(packed, w, fill), _pad_to(x[-1:], w, fill)])
+               for packed, x, fill in zip(out, (mask, *aligned), (0, *pad))]
     return tuple(out)
+
+
+def _pad_to(x: Tensor, width: int, fill) -> Tensor:
+    """(B, T, ...) -> (B, width, ...), new columns set to ``fill``."""
+    if x.shape[1] >= width:
+        return x
+    return torch.cat([x, x.new_full((x.shape[0], width - x.shape[1], *x.shape[2:]), fill)], dim=1)

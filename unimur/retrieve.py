@@ -92,15 +92,11 @@ def add_dialogue_file_args(p: argparse.ArgumentParser) -> None:
                         "a dialogue's target turn)")
 
 
-def image_rule_of(args: argparse.Namespace, fromage: bool = False) -> tuple[str, float | None]:
-    """The image rule (default as in the evaluation: FROMAGe's for a method=fromage model)."""
-    rule = args.image_rule or ("threshold" if args.image_threshold is not None
-                               else "ret-token" if fromage else "always")
-    if rule == "threshold" and args.image_threshold is None:
-        raise ValueError("--image-rule threshold needs --image-threshold T")
-    if rule != "threshold" and args.image_threshold is not None:
-        raise ValueError(f"--image-threshold applies to --image-rule threshold, not {rule}")
-    return rule, args.image_threshold
+def rules_of(args: argparse.Namespace, method: str) -> tuple[str, str]:
+    """(image rule, text ranking): the evaluation's defaults for the model's method."""
+    from unimur.mmdialog_eval import response_rules
+
+    return response_rules(method, args.image_rule, args.text_ranking, args.image_threshold)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -134,9 +130,8 @@ class Session:
         from unimur.pretrained import read_model_config
         from unimur.retriever import Retriever
 
-        fromage = read_model_config(args.model_dir).method == "fromage"  # a wrong folder fails here
-        rule, threshold = image_rule_of(args, fromage)
-        ranking = args.text_ranking or ("likelihood" if fromage else "embedding")
+        rule, ranking = rules_of(args, read_model_config(args.model_dir).method)  # a wrong folder fails here
+        threshold = args.image_threshold
         texts = read_texts(args.texts) if args.texts else None
         images_file = args.images
         if not images_file and not args.image_dir:
