@@ -87,10 +87,13 @@ class ModelEmbedder:
 
     image_resize: ``crop`` (the encoder's own preprocessing: resize the short side, centre
     crop) or ``squash`` (see `SquashThen`).
+    memo: a `unimur.shared_passes.FrozenPassMemo` shared with the embedders of other models on
+    the same frozen backbones (a comparison of several models): the frozen image features and
+    context passes are then computed once for all of them.
     """
 
     def __init__(self, model: UniMuR, batch_size: int = 64, num_workers: int = 0, progress: bool = True,
-                 image_resize: str = "crop"):
+                 image_resize: str = "crop", memo=None):
         if image_resize not in IMAGE_RESIZE:
             raise ValueError(f"image_resize={image_resize!r}: expected one of {IMAGE_RESIZE}")
         self.model = model.eval()
@@ -98,6 +101,7 @@ class ModelEmbedder:
         self.num_workers = num_workers
         self.progress = progress
         self.image_resize = image_resize
+        self.memo = memo
         preprocess = model.encoders.preprocess
         self.image_preprocess = SquashThen(preprocess) if image_resize == "squash" else preprocess
 
@@ -108,7 +112,13 @@ class ModelEmbedder:
         out = [None] * len(contexts)
         for start in self._bar(range(0, len(order), self.batch_size), "queries"):
             idx = order[start : start + self.batch_size]
-            u = self.model.encode_context([contexts[i] for i in idx])
+            batch = [contexts[i] for i in idx]
+            if self.memo is not None:
+                from .shared_passes import unified_from_prefix
+
+                u = unified_from_prefix(self.model, batch, self.memo)
+            else:
+                u = self.model.encode_context(batch)
             for j, i in enumerate(idx):
                 out[i] = u[j]
         return torch.stack(out).float() if out else torch.empty(0, self.model.emb_dim)
@@ -154,20 +164,35 @@ class ModelEmbedder:
         pos = {t: i for i, t in enumerate(unique)}
         return table[torch.tensor([pos[t] for t in texts], dtype=torch.long)]
 
+    def _image_features(self, paths: list[Path]):
+        """Per batch: (row indices, frozen ImageFeatures); and the skipped (row, reason) pairs.
+        From the memo when another model's embedder read the same files the same way."""
+        key = (self.model.encoders.identity, self.image_resize, self.batch_size, tuple(map(str, paths)))
+        if self.memo is not None and key in self.memo.images:
+            self.memo.stats["images_hit"] += 1
+            return self.memo.images[key]
+        loader = DataLoader(_ImageFiles(paths, self.image_preprocess), batch_size=self.batch_size,
+                            num_workers=self.num_workers, collate_fn=_collate_images)
+        batches, skipped = [], []
+        for idx, pixels, skips in self._bar(loader, "images"):
+            for i, reason in skips:
+                skipped.append((i, reason))
+                logger.warning("skipping image %s: %s", paths[i], reason)
+            if pixels is not None:
+                batches.append((idx, self.model.encode_images(pixels)))
+        if self.memo is not None:
+            self.memo.stats["images_miss"] += 1
+            self.memo.images[key] = (batches, skipped)
+        return batches, skipped
+
     @torch.no_grad()
     def embed_images(self, paths, ids=None) -> tuple[ImageEmbeddings, Counter]:
         paths = [Path(p) for p in paths]
         ids = [str(i) for i in ids] if ids is not None else [str(p) for p in paths]
-        loader = DataLoader(_ImageFiles(paths, self.image_preprocess), batch_size=self.batch_size,
-                            num_workers=self.num_workers, collate_fn=_collate_images)
-        rows, embeds, caps, clips, skipped = [], [], [], [], {}
-        for idx, pixels, skips in self._bar(loader, "images"):
-            for i, reason in skips:
-                skipped[ids[i]] = reason
-                logger.warning("skipping image %s: %s", paths[i], reason)
-            if pixels is None:
-                continue
-            feats = self.model.encode_images(pixels)
+        batches, skips = self._image_features(paths)
+        skipped = {ids[i]: reason for i, reason in skips}
+        rows, embeds, caps, clips = [], [], [], []
+        for idx, feats in batches:
             rows += idx
             embeds.append(self.model.image_targets(feats).float().cpu())
             caps.append(self.model.cap_input(feats).float().cpu())
