@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from unimur import demo
+from unimur import demo, demo_report
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -71,8 +71,8 @@ def test_demo_data_is_reused_only_when_seed_sizes_and_generator_match(tmp_path):
 
 
 def test_chance_metrics():
-    assert demo.chance(1)["R@1"] == 100.0
-    c = demo.chance(50)
+    assert demo_report.chance(1)["R@1"] == 100.0
+    c = demo_report.chance(50)
     assert c["R@1"] == pytest.approx(2.0) and c["R@10"] == pytest.approx(20.0)
     assert c["mean_rank"] == pytest.approx(25.5)
     assert c["MRR"] == pytest.approx(sum(1 / r for r in range(1, 51)) / 50)
@@ -94,7 +94,7 @@ def _visdial_results(ranks, i2d_ranks=None):
 def test_visdial_subsets_split_by_heldout_flag():
     results = _visdial_results([1, 7, 2, 30], i2d_ranks=[4, 24, 3, 1])
     meta = {"splits": {"visdial": [{"image_id": 100000 + i, "heldout": i % 2 == 0} for i in range(4)]}}
-    subsets, rows = demo.visdial_subsets(results, meta)
+    subsets, rows = demo_report.visdial_subsets(results, meta)
     d2i = subsets["dialogue_to_image"]
     assert d2i["held-out"]["n"] == 2 and d2i["held-out"]["R@1"] == 50.0  # ranks 1, 2
     assert d2i["seen"]["n"] == 2 and d2i["seen"]["R@5"] == 0.0           # ranks 7, 30
@@ -110,7 +110,7 @@ def test_visdial_subsets_need_every_rank():
     results["counts"]["dialogues_evaluated"] = 3  # only 2 of 3 queries carry a rank
     meta = {"splits": {"visdial": [{"image_id": 100000 + i, "heldout": False} for i in range(3)]}}
     with pytest.raises(RuntimeError):
-        demo.visdial_subsets(results, meta)
+        demo_report.visdial_subsets(results, meta)
 
 
 def test_mmdialog_subsets_and_table():
@@ -127,12 +127,12 @@ def test_mmdialog_subsets_and_table():
     meta = {"splits": {"mmdialog": {"dialogues": [
         {"conversation_id": 7, "heldout": True, "scenario": "request"},
         {"conversation_id": 8, "heldout": False, "scenario": "describe"}]}}}
-    subsets, _ = demo.mmdialog_subsets(results, meta)
+    subsets, _ = demo_report.mmdialog_subsets(results, meta)
     assert subsets["overall"]["held-out"]["n"] == 2 and subsets["overall"]["held-out"]["R@5"] == 100.0
     assert subsets["text"]["seen"]["R@10"] == 0.0
     assert subsets["image"]["seen"]["n"] == 0  # no image target among seen queries: NaN metrics
     models = {"trained": {"mmdialog": {"subsets": subsets}}}
-    table = demo.results_table(models, {"mmdialog": demo.chance(50)})
+    table = demo_report.results_table(models, {"mmdialog": demo_report.chance(50)})
     assert "held-out" in table and "chance" in table
     assert "VisDial dialogue->image" not in table  # rows no model has are left out
 

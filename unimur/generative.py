@@ -58,10 +58,14 @@ def candidate_log_likelihoods(model: UniMuR, context: Sequence[Piece], candidate
                       attention_mask=torch.cat([mask.new_ones(b, t), mask], dim=1),
                       position_ids=(t + torch.arange(width, device=model.device)).expand(b, -1),
                       use_cache=True, **{_cache_kwarg(body): past}).last_hidden_state  # (b, W, H)
-        # token 0 is predicted by the context's last position, token j by candidate position j-1
-        lp0 = first[ids[:, 0]][:, None]                                             # (b, 1)
-        rest = F.log_softmax(model.lm_logits(hidden[:, :-1]).float(), dim=-1)        # (b, W-1, V)
-        lp = torch.cat([lp0, rest.gather(-1, ids[:, 1:, None])[..., 0]], dim=1) * mask
+        # token 0 is predicted by the context's last position, token j by candidate position j-1;
+        # the vocabulary-wide logits only where a candidate token follows (not over padding)
+        lp = torch.zeros(b, width, device=model.device)
+        lp[:, 0] = first[ids[:, 0]]
+        follows = mask[:, 1:].bool()                                                 # (b, W-1)
+        rest = F.log_softmax(model.lm_logits(hidden[:, :-1][follows]).float(), dim=-1)  # (n, V)
+        lp[:, 1:][follows] = rest.gather(-1, ids[:, 1:][follows][:, None])[:, 0]
+        lp = lp * mask
         n = mask.sum(1)
         s = lp.sum(1).cpu()
         has = (n > 0).cpu()

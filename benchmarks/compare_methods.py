@@ -1,0 +1,338 @@
+"""UniMuR vs FROMAGe (and UniMuR's ablations) under one protocol, over several seeds.
+
+    python benchmarks/compare_methods.py [--out compare_run] [--quick] [--seeds 0 1 2]
+
+On the demo's synthetic data and pretrained offline backbones (SmolLM2-135M, EfficientNet-Lite0,
+all-MiniLM-L6-v2; see ``unimur/demo.py``), with one feature cache for all runs, this:
+
+1. trains, per seed, UniMuR, FROMAGe (``--method fromage``) and UniMuR without TM (``--l-tm 0``)
+   and without VM (``--l-vm 0``) with ``main.py`` and the demo's recipe (``--variants``; "without
+   CL" is only meaningful where CL is on, and the demo's recipe runs with ``--l-cap 0``);
+2. evaluates each model on VisDial (dialogue->image; both methods force [RET], as both papers
+   do) and MMDialog with its own method's inference rules: UniMuR outputs both modalities and
+   ranks texts by its embedding; FROMAGe ranks texts by the frozen LLM's likelihood and outputs
+   an image only when it generates [RET]. UniMuR is also evaluated under FROMAGe's rules, which
+   separates the effect of the rules from that of the training;
+3. reports every metric as mean +- std over the seeds, and UniMuR - FROMAGe as a paired
+   difference with a 95% bootstrap interval over queries and seeds (``unimur.compare_stats``),
+   each claim of the paper's abstract marked holds / does not hold / within noise;
+4. writes ``<out>/results/comparison.json`` and ``comparison.png`` (bars: mean, error bars: std).
+
+Every model of the comparison shares the frozen backbones, so their frozen passes (image
+features, the LLM over text-only contexts) are computed once (``unimur.shared_passes``).
+A finished run's results are kept under ``<out>/results/runs`` and reused when the command is
+run again with the same settings (an interrupted comparison resumes where it stopped).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import logging
+import resource
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from unimur import demo  # noqa: E402  (sets HF_HUB_OFFLINE before transformers loads)
+from unimur.compare_stats import PerQuery, paired_difference  # noqa: E402
+from unimur.comparison import (  # noqa: E402
+    EVALUATIONS, METRICS, VARIANTS, claims_table, fmt_interval, mmdialog_per_query, summarise,
+    visdial_per_query,
+)
+
+logger = logging.getLogger("compare_methods")
+
+# The demo's recipe (unimur/demo.py DEFAULT) on evaluation sets large enough for intervals to
+# mean something: 300 VisDial dialogues (pool of 300 images) and 300 MMDialog dialogues (19
+# negatives per modality, a pool of 20; the demo's 49 would more than double the cost of
+# FROMAGe's likelihood ranking, which scores every candidate text with the LLM). Training:
+# 45 steps of 32 instead of the demo's 90, as 12 trainings must fit in the time budget.
+FULL = dataclasses.replace(demo.DEFAULT, n_visdial=300, n_mmdialog=300, n_negatives=19,
+                           epochs=3, steps_per_epoch=15)
+QUICK = dataclasses.replace(demo.QUICK, n_visdial=40, n_mmdialog=40, n_negatives=19)
+EVERY = 10**9  # keep one example per query: the per-query arrays come from them
+
+
+def _fingerprint(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class Runs:
+    """Trained models and finished evaluations under ``out``, reused when their settings match."""
+
+    def __init__(self, out: Path, cfg: demo.DemoConfig, data_meta: dict[str, Any]):
+        self.out, self.cfg = out, cfg
+        self.recipe = _fingerprint(dataclasses.asdict(cfg), data_meta.get("sizes"), data_meta.get("seed"),
+                                   data_meta.get("generator_version"))
+        (out / "results" / "runs").mkdir(parents=True, exist_ok=True)
+
+    def model(self, variant: str, seed: int, data: dict[str, Path]) -> Path:
+        """The pruned model of (variant, seed): trained now unless an earlier run left it."""
+        from unimur.prune_model_ckpt import prune
+
+        name = f"{variant}_s{seed}"
+        model_dir = self.out / "models" / name
+        stamp = _fingerprint(self.recipe, VARIANTS[variant].flags, seed)
+        stamp_file = model_dir / "compare_fingerprint.txt"
+        if stamp_file.is_file() and stamp_file.read_text() == stamp:
+            logger.info("reusing %s (same recipe, variant and seed)", model_dir)
+            return model_dir
+        _, ckpt, _ = demo.train(demo.PRETRAINED, self.cfg, data, self.out, seed, name=name,
+                                extra_flags=VARIANTS[variant].flags)
+        if model_dir.exists():
+            shutil.rmtree(model_dir)
+        prune(ckpt, model_dir)
+        stamp_file.write_text(stamp)
+        return model_dir
+
+    def result_path(self, evaluation: str, seed: int) -> tuple[Path, str]:
+        e = EVALUATIONS[evaluation]
+        stamp = _fingerprint(self.recipe, VARIANTS[e.variant].flags, seed, dataclasses.asdict(e))
+        return self.out / "results" / "runs" / f"{evaluation}_s{seed}.json", stamp
+
+    def cached_result(self, evaluation: str, seed: int) -> dict[str, Any] | None:
+        path, stamp = self.result_path(evaluation, seed)
+        if path.is_file():
+            saved = json.loads(path.read_text())
+            if saved.get("fingerprint") == stamp:
+                return saved
+        return None
+
+    def save_result(self, evaluation: str, seed: int, result: dict[str, Any]) -> None:
+        path, stamp = self.result_path(evaluation, seed)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({**result, "fingerprint": stamp}) + "\n")
+        tmp.replace(path)  # atomic: a killed run leaves the old file or none
+
+
+def evaluate(model, evaluation: str, data: dict[str, Path], labels, cfg: demo.DemoConfig, memo) -> dict:
+    """One model under one evaluation's rules: the evaluations' metrics and per-query arrays."""
+    from unimur.evaluation import evaluate_mmdialog, evaluate_visdial
+
+    e = EVALUATIONS[evaluation]
+    embedder = demo._embedder(model, cfg.eval_batch_size, memo)
+    out: dict[str, Any] = {"metrics": {}, "keys": {}, "per_query": {}, "seconds": {}, "settings": {}}
+    benches = (["visdial"] if e.visdial else []) + ["mmdialog"]
+    for bench in benches:
+        t0 = time.perf_counter()
+        if bench == "visdial":
+            results = evaluate_visdial(embedder, data["visdial_dir"], n_examples=EVERY)
+            keys, per_query = visdial_per_query(results)
+        else:
+            results = evaluate_mmdialog(embedder, data["mmdialog_dir"], n_examples=EVERY,
+                                        n_negatives=cfg.n_negatives, attribute_labels=labels,
+                                        image_rule=e.image_rule, text_ranking=e.text_ranking)
+            keys, per_query = mmdialog_per_query(results, labels)
+        out["seconds"][bench] = round(time.perf_counter() - t0, 1)
+        out["metrics"][bench] = results["metrics"]
+        out["settings"][bench] = {k: results["settings"].get(k) for k in ("image_rule", "text_ranking", "pool_size",
+                                                                          "n_negatives", "rounds")}
+        out["keys"][bench] = [list(k) if isinstance(k, tuple) else k for k in keys]
+        out["per_query"].update({m: {"num": pq.num.tolist(), "den": pq.den.tolist()} for m, pq in per_query.items()})
+        logger.info("[%s] %s done in %.1f s", evaluation, bench, out["seconds"][bench])
+    return out
+
+
+def _per_query(result: dict[str, Any]) -> dict[str, PerQuery]:
+    import numpy as np
+
+    return {m: PerQuery(np.asarray(v["num"], float), np.asarray(v["den"], float))
+            for m, v in result["per_query"].items()}
+
+
+def differences(per_run: dict[str, dict[int, dict[str, PerQuery]]], a: str, b: str, n_boot: int
+                ) -> dict[str, dict[str, float]]:
+    """Paired A - B per metric over the seeds both have, in points of %."""
+    seeds = sorted(set(per_run.get(a, {})) & set(per_run.get(b, {})))
+    out = {}
+    for metric, _ in METRICS:
+        if seeds and all(metric in per_run[x][s] for x in (a, b) for s in seeds):
+            out[metric] = paired_difference([per_run[a][s][metric] for s in seeds],
+                                            [per_run[b][s][metric] for s in seeds], n_boot=n_boot, scale=100.0)
+    return out
+
+
+def format_table(summary: dict, diff: dict, order: list[str]) -> str:
+    width = 16
+    head = f"{'metric (%)':<34}" + "".join(f"{EVALUATIONS[e].label[:width - 1]:>{width}}" for e in order)
+    head += f"{'UniMuR - FROMAGe [95% CI]':>30}"
+    lines = [head, "-" * len(head)]
+    for metric, label in METRICS:
+        cells = []
+        for e in order:
+            m = summary.get(e, {}).get(metric)
+            cells.append("-" if not m or m["mean"] != m["mean"] else f"{m['mean']:.1f} ± {m['std']:.1f}")
+        if all(c == "-" for c in cells):
+            continue
+        d = diff.get(metric)
+        lines.append(f"{label:<34}" + "".join(f"{c:>{width}}" for c in cells)
+                     + f"{fmt_interval(d) if d else '-':>30}")
+    return "\n".join(lines)
+
+
+def plot(summary: dict, order: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    metrics = [(m, label) for m, label in METRICS if any(m in summary.get(e, {}) for e in order)]
+    x = np.arange(len(metrics))
+    w = 0.8 / len(order)
+    fig, ax = plt.subplots(figsize=(max(10, 0.9 * len(metrics)), 5))
+    for i, e in enumerate(order):
+        means = [summary.get(e, {}).get(m, {}).get("mean", np.nan) for m, _ in metrics]
+        stds = [summary.get(e, {}).get(m, {}).get("std", 0.0) for m, _ in metrics]
+        ax.bar(x + (i - (len(order) - 1) / 2) * w, means, w, yerr=stds, capsize=2, label=EVALUATIONS[e].label)
+    ax.set_xticks(x, [label for _, label in metrics], rotation=40, ha="right", fontsize=8)
+    ax.set_ylabel("% (mean over seeds, error bar: std)")
+    ax.set_title("UniMuR vs FROMAGe on the demo's synthetic VisDial / MMDialog")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    from unimur import offline_backbones
+    from unimur.shared_passes import FrozenPassMemo
+    from unimur.synthetic import mmdialog_attribute_labels
+
+    cfg = QUICK if args.quick else FULL
+    out = Path(args.out)
+    stages = demo.Stages()
+    demo.check_packages(random_init=False)
+    with stages("setup: SmolLM2 safetensors cache (first run only)"):
+        offline_backbones.smollm2_dir()
+    with stages("synthetic data"):
+        data = demo.ensure_data(out / "data", args.data_seed, cfg.data_sizes())
+    meta = json.loads(data["meta"].read_text())
+    labels = mmdialog_attribute_labels(data["meta"])
+    runs, memo = Runs(out, cfg, meta), FrozenPassMemo()
+    variants = list(args.variants)
+    evaluations = [e for e in EVALUATIONS.values() if e.variant in variants]
+    rules_seeds = set(args.seeds[: args.rules_seeds]) if args.rules_seeds is not None else set(args.seeds)
+    per_run: dict[str, dict[int, dict[str, PerQuery]]] = {}
+    raw: dict[str, dict[int, dict[str, Any]]] = {}
+    keys: dict[str, Any] = {}
+    for seed in args.seeds:
+        for variant in variants:
+            wanted = [e.name for e in evaluations if e.variant == variant
+                      and (e.name != "unimur@fromage_rules" or seed in rules_seeds)]
+            todo = [e for e in wanted if runs.cached_result(e, seed) is None]
+            model = None
+            if todo:
+                with stages(f"train {variant} seed {seed}"):
+                    model_dir = runs.model(variant, seed, data)
+                model = demo._load(model_dir)
+            for e in wanted:
+                result = runs.cached_result(e, seed)
+                if result is None:
+                    with stages(f"evaluate {e} seed {seed}"):
+                        result = evaluate(model, e, data, labels, cfg, memo)
+                    runs.save_result(e, seed, result)
+                for bench, k in result["keys"].items():  # every run must rank the same queries
+                    if keys.setdefault(bench, k) != k:
+                        raise RuntimeError(f"{e} seed {seed} evaluated other {bench} queries than earlier runs")
+                per_run.setdefault(e, {})[seed] = _per_query(result)
+                raw.setdefault(e, {})[seed] = {k: result[k] for k in ("metrics", "seconds", "settings")}
+            del model
+            logger.info("frozen passes shared so far: %s (prefix memo %.0f MiB)", dict(memo.stats),
+                        memo.prefix_bytes / 2**20)
+
+    order = [e.name for e in evaluations if e.name in per_run]
+    summary = summarise({e: [per_run[e][s] for s in sorted(per_run[e])] for e in order})
+    diffs = {"unimur - fromage": differences(per_run, "unimur", "fromage", args.n_boot)}
+    for e in order:  # the rules' effect, and each ablation's cost, on the same footing
+        if e == "unimur@fromage_rules":
+            diffs["unimur@fromage_rules - fromage"] = differences(per_run, e, "fromage", args.n_boot)
+        elif e not in ("unimur", "fromage"):
+            diffs[f"{e} - unimur"] = differences(per_run, e, "unimur", args.n_boot)
+    main_diff = diffs["unimur - fromage"]
+    claims = claims_table(main_diff)
+    table = format_table(summary, main_diff, order)
+    peak_rss_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    n_queries = {bench: len(k) for bench, k in keys.items()}
+    report = {
+        "config": dataclasses.asdict(cfg), "seeds": list(args.seeds), "data_seed": args.data_seed,
+        "variants": variants, "rules_seeds": sorted(rules_seeds), "n_boot": args.n_boot,
+        "queries": n_queries, "summary": summary, "differences": diffs, "claims": claims,
+        "runs": raw, "stage_seconds": {k: round(v, 1) for k, v in stages.seconds.items()},
+        "total_seconds": round(stages.total(), 1), "peak_rss_gib": round(peak_rss_gib, 2),
+        "memo": {**dict(memo.stats), "prefix_mib": round(memo.prefix_bytes / 2**20, 1)},
+        "torch_threads": torch.get_num_threads(), "table": table,
+        "notes": [
+            "recipe: unimur/demo.py's (frozen SmolLM2-135M + EfficientNet-Lite0 + all-MiniLM-L6-v2, "
+            f"l_cap=0, l_vm=2) with {cfg.epochs * cfg.steps_per_epoch} steps of {cfg.batch_size}",
+            "VisDial R@k forces [RET] after the dialogue for both methods (as both papers evaluate it)",
+            "MMDialog consistency is the attribute consistency (the offline encoders share no "
+            "image-text space, so no CLIP cosine)",
+            "intervals: paired bootstrap over queries and seeds (unimur/compare_stats.py), "
+            "in points of %",
+        ],
+    }
+    results_dir = out / "results"
+    (results_dir / "comparison.json").write_text(json.dumps(report, indent=1) + "\n")
+    plot(summary, order, results_dir / "comparison.png")
+    print("\n" + "=" * 110)
+    print(f"UniMuR vs FROMAGe on the demo's synthetic data: seeds {list(args.seeds)}, "
+          f"{n_queries.get('visdial', 0)} VisDial dialogues, {n_queries.get('mmdialog', 0)} MMDialog queries "
+          f"(pool {cfg.n_negatives + 1})")
+    print("mean ± std over seeds; last column: paired difference, 95% bootstrap interval over queries and seeds")
+    print(table)
+    print("\nClaims of the abstract (UniMuR - FROMAGe, points of %):")
+    for row in claims:
+        print(f"  {row['claim']:<66} {row['difference']:>24}  {row['verdict']}")
+    print(f"\nwall time {stages.total() / 60:.1f} min, peak RSS {peak_rss_gib:.2f} GiB, "
+          f"{torch.get_num_threads()} torch threads; results: {results_dir}/comparison.json, comparison.png")
+    print("=" * 110)
+    return report
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python benchmarks/compare_methods.py", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="compare_run", help="output folder; default: %(default)s")
+    p.add_argument("--quick", action="store_true", help="small sets and 2 seeds: checks the pipeline, not the claims")
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help="training seeds; default 0 1 2 (quick: 0 1)")
+    p.add_argument("--data-seed", type=int, default=0, help="synthetic data seed; default: %(default)s")
+    p.add_argument("--variants", nargs="+", default=["unimur", "fromage", "no_tm", "no_vm"],
+                   choices=sorted(VARIANTS), help="default: %(default)s")
+    p.add_argument("--rules-seeds", type=int, default=None, metavar="N",
+                   help="evaluate UniMuR under FROMAGe's rules on the first N seeds only (default: all)")
+    p.add_argument("--n-boot", type=int, default=2000, help="bootstrap replicates; default: %(default)s")
+    args = p.parse_args(argv)
+    if args.seeds is None:
+        args.seeds = [0, 1] if args.quick else [0, 1, 2]
+    for needed in ("unimur", "fromage"):
+        if needed not in args.variants:
+            p.error(f"--variants must include {needed}: the comparison is UniMuR - FROMAGe")
+    if "no_cl" in args.variants:
+        p.error("no_cl: the demo's recipe trains without CL (--l-cap 0), so there is no CL to ablate")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    demo.setup_logging()
+    try:
+        run(args)
+    except demo.SetupError as e:
+        sys.stderr.write(f"\nerror: {e}\n")
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
