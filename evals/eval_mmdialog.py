@@ -8,9 +8,10 @@
 Per query, the pool is its ground-truth elements plus its negatives; a query whose pool holds
 fewer than --n-negatives negatives per modality (999 in MMDialog) is skipped and counted, never
 scored as a full pool. Reports text, image and overall R@1/5/10 (plus MRR, mean rank), the image
-retrieval rate and the cross-modal consistency. Without --embeddings every needed image is
-embedded now; with it, the file must have been extracted with this model (its weights digest is
-compared) unless --allow-embeddings-mismatch, which the results record.
+retrieval rate and the cross-modal consistency. The split is read and scored --chunk-size
+queries at a time (memory does not grow with it). Without --embeddings each chunk's images
+are embedded as it comes; with it, the file must have been extracted with this model (its
+weights digest is compared) unless --allow-embeddings-mismatch, which the results record.
 """
 from __future__ import annotations
 
