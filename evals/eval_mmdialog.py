@@ -8,9 +8,10 @@
 Per query, the pool is its ground-truth elements plus its negatives; a query whose pool holds
 fewer than --n-negatives negatives per modality (999 in MMDialog) is skipped and counted, never
 scored as a full pool. Reports text, image and overall R@1/5/10 (plus MRR, mean rank), the image
-retrieval rate and the cross-modal consistency. Without --embeddings every needed image is
-embedded now; with it, the file must have been extracted with this model (its weights digest is
-compared) unless --allow-embeddings-mismatch, which the results record.
+retrieval rate and the cross-modal consistency. The split is read and scored --chunk-size
+queries at a time (memory does not grow with it). Without --embeddings each chunk's images
+are embedded as it comes; with it, the file must have been extracted with this model (its
+weights digest is compared) unless --allow-embeddings-mismatch, which the results record.
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from unimur.embeddings import load_image_embeddings  # noqa: E402
 from evals.common import (add_common_args, check_embeddings_model, check_model_dir, load_embedder,  # noqa: E402
                           model_info, report, require_path, run_cli)
 from unimur.evaluation import MMDIALOG_NEGATIVES, evaluate_mmdialog  # noqa: E402
-from unimur.mmdialog import TARGETS, conversations_path, load_mmdialog  # noqa: E402
+from unimur.mmdialog import TARGETS, MMDialogStream, conversations_path  # noqa: E402
 from unimur.mmdialog_eval import IMAGE_RULES, TEXT_RANKINGS, response_rules  # noqa: E402
 from unimur.pretrained import read_model_config  # noqa: E402
 from unimur.synthetic import mmdialog_attribute_labels  # noqa: E402
@@ -89,7 +90,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     require_path(conversations_path(args.mmdialog_dir, args.split), "MMDialog conversations file",
                  "pass --mmdialog-dir: the folder with <split>/conversations.json and the images "
                  "(see https://github.com/victorsungo/MMDialog)")
-    data = load_mmdialog(args.mmdialog_dir, args.split, args.target, check_images=not args.embeddings)
+    # a stream: the split is read again, chunk by chunk, during the evaluation; reading up to its
+    # first usable query now catches a wrong file or format before the model loads
+    data = MMDialogStream(args.mmdialog_dir, args.split, args.target, check_images=not args.embeddings)
+    data.first_query()
     check_model_dir(args.model_dir)
     embeddings, embeddings_check = None, None
     if args.embeddings:

@@ -148,3 +148,33 @@ def test_retriever_top_k_matches_brute_force(trained, images):
         assert [t for t, _ in r.texts] == [texts[j] for j in txt_order[q]]
     s, i = topk_chunked(u, index.embeds, 3, index_chunk=2)
     assert torch.equal(i, img_order)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_merge_of_parts_equals_one_shot_file(tmp_path, dtype):
+    """extract_vis_emb's bounded merge (part by part, tensors never concatenated in memory)
+    writes the file save_image_embeddings writes for the whole collection, byte for byte; an
+    empty part (every image unreadable) and a tensor missing from one part are handled."""
+    from unimur.embeddings import ImageEmbeddings, save_image_embeddings, save_image_embeddings_from_parts
+
+    g = torch.Generator().manual_seed(0)
+    n = 11
+    whole = ImageEmbeddings([f"{i:03d}.jpg" for i in range(n)], torch.randn(n, 4, generator=g).to(dtype),
+                            torch.randn(n, 6, generator=g).to(dtype), torch.randn(n, 4, generator=g).to(dtype),
+                            meta={"model_weights_sha256": "ab", "space": "unified retrieval space"})
+    save_image_embeddings(whole, tmp_path / "one.safetensors")
+    parts = []
+    for k, (a, b) in enumerate([(0, 4), (4, 4), (4, 9), (9, 11)]):
+        parts.append(tmp_path / f"part_{k}.safetensors")
+        save_image_embeddings(whole.select(whole.ids[a:b]) if b > a else ImageEmbeddings(
+            [], torch.empty(0, 4, dtype=dtype), torch.empty(0, 6, dtype=dtype), torch.empty(0, 4, dtype=dtype)), parts[-1])
+    assert save_image_embeddings_from_parts(parts, tmp_path / "merged.safetensors", whole.meta) == n
+    assert (tmp_path / "merged.safetensors").read_bytes() == (tmp_path / "one.safetensors").read_bytes()
+    back = load_image_embeddings(tmp_path / "merged.safetensors")
+    assert back.ids == whole.ids and torch.equal(back.cap_features, whole.cap_features)
+
+    # a part without CLIP-V embeddings: the merged file has none (as ImageEmbeddings.concat)
+    save_image_embeddings(ImageEmbeddings(whole.ids[9:], whole.embeds[9:], whole.cap_features[9:]), parts[-1])
+    save_image_embeddings_from_parts(parts, tmp_path / "merged.safetensors", whole.meta)
+    back = load_image_embeddings(tmp_path / "merged.safetensors")
+    assert back.clip_embeds is None and torch.equal(back.embeds, whole.embeds)

@@ -139,3 +139,34 @@ def test_check_images_off_keeps_missing_keys(tmp_path):
     write(tmp_path, [dialogue(5, [T("show me")], [T("here"), M(MISSING)])])
     queries, skipped = load_mmdialog(tmp_path, check_images=False)
     assert queries[0].gt_media_keys == [MISSING] and not skipped
+
+
+@pytest.mark.parametrize("window", [1, 7, 1 << 20])
+def test_json_array_streams_element_by_element(tmp_path, monkeypatch, window):
+    """The array reader decodes through a small window and agrees with json.load, elements cut
+    at any point (numbers too); damage anywhere is a clear error naming the file."""
+    from unimur import mmdialog
+
+    monkeypatch.setattr(mmdialog, "_ARRAY_READ_CHARS", window)
+    path = tmp_path / "a.json"
+    values = [GOOD, 12345, "x, ]", [], {"k": [1, 2.5e3, None, True]}, 7]
+    for text in (json.dumps(values), json.dumps(values, indent=2) + "\n\n", "[]", " [ ] "):
+        path.write_text(text)
+        assert list(mmdialog.read_dialogues(path)) == json.loads(text)
+    for damaged in ('[{"a": 1}, {"b": ', '[{"a": 1},]', '[{"a": 1} {"b": 2}]', '[1, 2] 3', '[1, 2'):
+        path.write_text(damaged)
+        with pytest.raises(ValueError, match=r"a\.json: truncated or malformed JSON array"):
+            list(mmdialog.read_dialogues(path))
+
+
+def test_stream_holds_one_dialogue_at_a_time(tmp_path):
+    """MMDialogStream yields each query before the next dialogue is parsed: the reader never
+    materialises the split (checked by counting the dialogues read when each query arrives)."""
+    from unimur.mmdialog import MMDialogStream
+
+    dialogues = [dialogue(i, [T("hi")], [T(f"answer {i}"), M(K1)]) for i in range(5)]
+    for container in ("array", "jsonl"):
+        stream = MMDialogStream(write(tmp_path / container, dialogues, container))
+        seen = [(q.conversation_id, stream.n_dialogues) for q in stream]
+        assert seen == [(i, i + 1) for i in range(5)]
+        assert stream.first_query().conversation_id == 0 and stream.n_dialogues == 1

@@ -78,6 +78,82 @@ def save_image_embeddings(emb: ImageEmbeddings, path: str | Path) -> None:
     _atomic(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
+# torch dtype -> safetensors dtype name (the header's "dtype"), in safetensors' own order of
+# dtypes (its files list tensors by dtype, descending, then by name)
+_SAFETENSORS_DTYPES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32",
+                       torch.float64: "F64"}
+
+
+def part_ids(path: str | Path) -> list[str]:
+    """The ids of a file written by `save_image_embeddings`, read from its header only."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return json.loads((f.metadata() or {})["unimur"])["ids"]
+
+
+def save_image_embeddings_from_parts(parts: list[Path], path: str | Path, meta: dict) -> int:
+    """Concatenate files written by `save_image_embeddings` into one such file, in memory
+    bounded by one part's tensor; returns the number of rows.
+
+    At millions of images the merged tensors are tens of GB: loading every part, concatenating
+    and then serialising (safetensors' ``save_file`` builds each tensor's bytes in memory) would
+    hold them two or three times. The safetensors layout is simple (an 8-byte little-endian
+    header length, a JSON header of dtype / shape / byte offsets per tensor, then the raw
+    bytes), so the header is written from the parts' shapes and each tensor's bytes are copied
+    part by part. A tensor is kept only if every part has it (as `ImageEmbeddings.concat`);
+    the file reads back with `load_image_embeddings` like one written in one go.
+    """
+    from safetensors import safe_open
+
+    if not parts:
+        raise ValueError("no parts to merge")
+    ids: list[str] = []
+    shapes: dict[str, list[tuple[list[int], str]]] = {n: [] for n in TENSORS}
+    for part in parts:
+        ids += part_ids(part)
+        with safe_open(str(part), framework="pt") as f:
+            keys = set(f.keys())
+            for n in TENSORS:
+                if n in keys:
+                    sl = f.get_slice(n)
+                    shapes[n].append((list(sl.get_shape()), sl.get_dtype()))
+    names = [n for n in TENSORS if len(shapes[n]) == len(parts)]
+    rank = {name: i for i, name in enumerate(_SAFETENSORS_DTYPES.values())}
+    # the library's layout (by dtype, descending, then name), so the bytes equal save_file's
+    names.sort(key=lambda n: (-rank.get(shapes[n][0][1], -1), n))
+    header: dict = {"__metadata__": {"unimur": json.dumps({"ids": ids, "meta": meta}, sort_keys=True)}}
+    offset = 0
+    for n in names:
+        trailing, dtypes = {tuple(s[1:]) for s, _ in shapes[n]}, {d for _, d in shapes[n]}
+        if len(trailing) != 1 or len(dtypes) != 1:
+            raise ValueError(f"parts disagree on {n}: shapes {sorted(trailing)}, dtypes {sorted(dtypes)}")
+        rows = sum(s[0] for s, _ in shapes[n])
+        if rows != len(ids):
+            raise ValueError(f"{n} has {rows} rows for {len(ids)} ids across the parts")
+        (dtype,), (rest,) = dtypes, trailing
+        item = next((t.itemsize for t, name in _SAFETENSORS_DTYPES.items() if name == dtype), None)
+        if item is None:
+            raise ValueError(f"{n}: dtype {dtype} is not one of {sorted(_SAFETENSORS_DTYPES.values())}")
+        size = rows * int(np.prod(rest, dtype=np.int64)) * item
+        header[n] = {"dtype": dtype, "shape": [rows, *rest], "data_offsets": [offset, offset + size]}
+        offset += size
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)  # as safetensors does: the data starts 8-byte aligned
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as out:
+            out.write(len(head).to_bytes(8, "little") + head)
+            for n in names:
+                for part in parts:
+                    with safe_open(str(part), framework="pt") as f:
+                        t = f.get_tensor(n).contiguous()
+                    out.write(t.view(torch.uint8).numpy().data)  # raw little-endian bytes, no copy
+
+    _atomic(Path(path), write)
+    return len(ids)
+
+
 def load_image_embeddings(path: str | Path, allow_pickle: bool = False) -> ImageEmbeddings:
     """Read a `.safetensors` file written by `save_image_embeddings`, or FROMAGe's pickle."""
     path = Path(path)

@@ -30,8 +30,8 @@ from pathlib import Path
 
 import torch
 
-from unimur.embeddings import (ImageEmbeddings, load_image_embeddings, save_fromage_pickle,
-                               save_image_embeddings)
+from unimur.embeddings import (ImageEmbeddings, load_image_embeddings, part_ids, save_fromage_pickle,
+                               save_image_embeddings, save_image_embeddings_from_parts)
 
 logger = logging.getLogger("unimur.extract_vis_emb")
 
@@ -106,16 +106,10 @@ def extract(model_dir: str | Path, ids: list[str], paths: list[Path], output: st
         done_now += 1
         logger.info("part %d/%d: %d images, %d skipped", p + 1, n_parts, len(emb), len(skipped))
 
-    merged, skipped = _merge(parts_dir, n_parts, model_dir)
-    if image_root is not None:
-        merged.meta["image_root"] = str(Path(image_root).resolve())
-    if fmt == "fromage-pkl":
-        save_fromage_pickle(merged, output)
-    else:
-        save_image_embeddings(merged, output)
+    n, skipped = _merge(parts_dir, n_parts, model_dir, output, fmt, image_root)
     output.with_name(output.name + ".skipped.json").write_text(json.dumps(skipped, indent=1, sort_keys=True) + "\n")
     shutil.rmtree(parts_dir)
-    logger.info("wrote %s: %d images embedded, %d skipped (%s)", output, len(merged), len(skipped),
+    logger.info("wrote %s: %d images embedded, %d skipped (%s)", output, n, len(skipped),
                 dict(Counter(skipped.values())) or "none")
     return output
 
@@ -129,22 +123,35 @@ def _embed_part(embedder, paths: list[Path], ids: list[str]) -> tuple[ImageEmbed
         m = embedder.model
         empty = ImageEmbeddings([], torch.empty(0, m.emb_dim), torch.empty(0, m.cap_mapping.in_features),
                                 torch.empty(0, m.encoders.image_embed_dim))
-        return empty, {i: "unusable_image" for i in ids}
+        reasons = getattr(e, "skipped", {})  # NoUsableImages names each image's reason
+        return empty, {i: reasons.get(i, "unusable_image") for i in ids}
     skipped = emb.meta.pop("skipped", {})
     return emb, skipped
 
 
-def _merge(parts_dir: Path, n_parts: int, model_dir: Path) -> tuple[ImageEmbeddings, dict[str, str]]:
-    parts = [load_image_embeddings(parts_dir / f"part_{p:06d}.safetensors") for p in range(n_parts)]
+def _merge(parts_dir: Path, n_parts: int, model_dir: Path, output: Path, fmt: str,
+           image_root: str | Path | None) -> tuple[int, dict[str, str]]:
+    """Write the parts as one file; (rows written, {id: reason} of the skipped images).
+
+    safetensors is merged part by part, so memory stays at one part's size however many
+    images there are; FROMAGe's pickle layout is one object, so it is built in memory.
+    """
+    files = [parts_dir / f"part_{p:06d}.safetensors" for p in range(n_parts)]
     skipped: dict[str, str] = {}
     for p in range(n_parts):
         skipped.update(json.loads((parts_dir / f"part_{p:06d}.skipped.json").read_text()))
-    merged = ImageEmbeddings.concat(parts)
-    if not len(merged):
+    if not any(part_ids(f) for f in files):
         raise ValueError(f"none of the images could be embedded ({dict(Counter(skipped.values()))})")
     manifest = json.loads((model_dir / "manifest.json").read_text())
-    merged.meta = {"model_weights_sha256": manifest["weights_sha256"], "space": "unified retrieval space"}
-    return merged, skipped
+    meta = {"model_weights_sha256": manifest["weights_sha256"], "space": "unified retrieval space"}
+    if image_root is not None:
+        meta["image_root"] = str(Path(image_root).resolve())
+    if fmt == "fromage-pkl":
+        merged = ImageEmbeddings.concat([load_image_embeddings(f) for f in files])
+        merged.meta = meta
+        save_fromage_pickle(merged, output)
+        return len(merged), skipped
+    return save_image_embeddings_from_parts(files, output, meta), skipped
 
 
 def convert_pickle(src: str | Path, output: str | Path, allow_pickle: bool) -> Path:

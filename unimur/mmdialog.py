@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import json
 import logging
-from collections import Counter
+import re
+from collections import Counter, OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,23 +84,101 @@ def _iter_json_lines(path: Path, skipped: Counter) -> Iterator[Any]:
                 logger.warning("%s:%d: malformed JSON line skipped (%s)", path, lineno, e)
 
 
+# Characters read at a time from a JSON array; an element longer than this doubles the read.
+_ARRAY_READ_CHARS = 1 << 20
+_WHITESPACE = re.compile(r"[ \t\n\r]*")
+
+
+class _ArrayText:
+    """A sliding window over a JSON array file: only the undecoded tail is kept."""
+
+    def __init__(self, f) -> None:
+        self.f, self.buf, self.pos, self.eof = f, "", 0, False
+
+    def more(self, chars: int) -> bool:
+        """Append up to ``chars`` characters (dropping what was decoded); False at end of file."""
+        chunk = self.f.read(chars)
+        if not chunk:
+            self.eof = True
+            return False
+        self.buf, self.pos = self.buf[self.pos:] + chunk, 0
+        return True
+
+    def next_char(self) -> str:
+        """The next non-whitespace character ('' at end of file), not consumed."""
+        while True:
+            self.pos = _WHITESPACE.match(self.buf, self.pos).end()
+            if self.pos < len(self.buf) or not self.more(_ARRAY_READ_CHARS):
+                return self.buf[self.pos:self.pos + 1]
+
+
+def _iter_json_array(path: Path) -> Iterator[Any]:
+    """Elements of the top-level JSON array in ``path``, decoded one at a time.
+
+    MMDialog's test split as one array is gigabytes of text (999 + 999 negatives per dialogue):
+    ``json.load`` would hold all of it, parsed, at once. The standard library's
+    ``JSONDecoder.raw_decode`` decodes one element from a window of the file, so only the
+    element being read is in memory (no third-party streaming parser needed). A truncated or
+    malformed array raises ValueError naming the file when the reader reaches the damage.
+    """
+    decoder = json.JSONDecoder()
+
+    def bad(why: str) -> ValueError:
+        return ValueError(f"{path}: truncated or malformed JSON array ({why})")
+
+    with path.open("r", encoding="utf-8") as f:
+        text = _ArrayText(f)
+        if text.next_char() != "[":
+            raise bad("it does not start with '['")
+        text.pos += 1
+        if text.next_char() == "]":
+            text.pos += 1
+        else:
+            while True:
+                text.next_char()
+                chars = _ARRAY_READ_CHARS
+                while True:
+                    try:
+                        value, end = decoder.raw_decode(text.buf, text.pos)
+                    except json.JSONDecodeError as e:
+                        # an element cut by the window: read more (doubling, so a long element
+                        # costs linear time) and decode again; at end of file it is damage
+                        if not text.more(chars):
+                            raise bad(str(e)) from e
+                        chars *= 2
+                        continue
+                    # a number at the window's edge may go on ("12" of "123"): read on first
+                    if end == len(text.buf) and not text.eof and text.more(chars):
+                        continue
+                    break
+                text.pos = end
+                yield value
+                sep = text.next_char()
+                if sep == "]":
+                    text.pos += 1
+                    break
+                if sep != ",":
+                    raise bad(f"expected ',' or ']' after element, found {sep or 'end of file'!r}")
+                text.pos += 1
+                if text.next_char() == "]":
+                    raise bad("trailing comma")
+        if text.next_char():
+            raise bad("extra data after the array")
+
+
 def read_dialogues(path: str | Path, skipped: Counter | None = None) -> Iterator[Any]:
-    """Yield raw dialogues from ``path``, detecting a JSON array versus JSON Lines.
+    """Yield raw dialogues from ``path`` one at a time, detecting a JSON array versus JSON Lines.
 
     A file starting with ``[`` is one JSON array (a truncated or malformed one raises ValueError
-    naming the file, since nothing in it can be trusted); anything else is read as JSON Lines.
+    naming the file, since nothing after the damage can be trusted); anything else is read as
+    JSON Lines. Either way only the dialogue being read is held in memory.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"MMDialog conversations file not found: {path}")
     skipped = Counter() if skipped is None else skipped
     if _first_char(path) == "[":
-        try:
-            with path.open("r", encoding="utf-8") as f:
-                data = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: truncated or malformed JSON array ({e})") from e
-        yield from data
+        yield from _iter_json_array(path)
     else:
         yield from _iter_json_lines(path, skipped)
 
@@ -110,18 +189,25 @@ def read_dialogues(path: str | Path, skipped: Counter | None = None) -> Iterator
 
 
 class _ImageCheck:
-    """Cached ``media_path(...).is_file()``: negative keys repeat across dialogues."""
+    """Cached ``media_path(...).is_file()``: negative keys repeat across dialogues. The cache is
+    bounded (least recently used keys go first) so it does not grow with the split."""
 
-    def __init__(self, mmdialog_dir: str | Path, split: str, enabled: bool) -> None:
-        self.root, self.split, self.enabled = mmdialog_dir, split, enabled
-        self._cache: dict[str, bool] = {}
+    def __init__(self, mmdialog_dir: str | Path, split: str, enabled: bool,
+                 max_items: int = 1_000_000) -> None:
+        self.root, self.split, self.enabled, self.max_items = mmdialog_dir, split, enabled, max_items
+        self._cache: OrderedDict[str, bool] = OrderedDict()
 
     def __call__(self, key: str) -> bool:
         if not self.enabled:
             return True
-        if key not in self._cache:
-            self._cache[key] = media_path(self.root, self.split, key).is_file()
-        return self._cache[key]
+        found = self._cache.get(key)
+        if found is None:
+            found = self._cache[key] = media_path(self.root, self.split, key).is_file()
+            if len(self._cache) > self.max_items:
+                self._cache.popitem(last=False)
+        else:
+            self._cache.move_to_end(key)
+        return found
 
 
 def _parse_turn(turn: Any, skipped: Counter) -> list[Segment] | None:
@@ -223,9 +309,70 @@ def _dialogue_queries(raw: Any, target: str, has_image: _ImageCheck, skipped: Co
     return queries
 
 
+class MMDialogStream:
+    """The queries of ``<mmdialog_dir>/<split>/conversations.json``, yielded as the file is read.
+
+    Only the dialogue being read (and the queries the consumer keeps) is in memory, whatever the
+    split's size: the evaluation consumes it chunk by chunk. ``skipped`` counts what the reader
+    dropped so far, by reason (see :func:`load_mmdialog`); ``n_dialogues`` / ``n_queries`` what
+    it read. Each iteration reads the file again from the start (the counts restart too). At the
+    end of an iteration a file that gave no usable query raises ValueError naming it.
+    """
+
+    def __init__(self, mmdialog_dir: str | Path, split: str = "test", target: str = "last",
+                 check_images: bool = True) -> None:
+        if target not in TARGETS:
+            raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
+        self.mmdialog_dir, self.split, self.target = mmdialog_dir, split, target
+        self.check_images = check_images
+        self.path = conversations_path(mmdialog_dir, split)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"MMDialog conversations file not found: {self.path}")
+        self.skipped: Counter = Counter()
+        self.n_dialogues = self.n_queries = 0
+
+    def _read(self) -> Iterator[MMDialogQuery]:
+        self.skipped.clear()  # the same Counter object: callers may hold it
+        self.n_dialogues = self.n_queries = 0
+        has_image = _ImageCheck(self.mmdialog_dir, self.split, self.check_images)
+        for raw in read_dialogues(self.path, self.skipped):
+            self.n_dialogues += 1
+            for query in _dialogue_queries(raw, self.target, has_image, self.skipped):
+                self.n_queries += 1
+                yield query
+
+    def __iter__(self) -> Iterator[MMDialogQuery]:
+        yield from self._read()
+        self._check_end()
+
+    def first_query(self) -> MMDialogQuery:
+        """Read until the first usable query (a quick check of the file before a long run);
+        raises like a full read if there is none."""
+        for query in self._read():
+            return query
+        self._check_end()
+        raise AssertionError("unreachable: _check_end raises when there is no query")
+
+    def _check_end(self) -> None:
+        skipped, path = self.skipped, self.path
+        if self.n_dialogues == 0 and skipped["malformed_json_line"]:
+            raise ValueError(f"{path}: no line parses as JSON ({skipped['malformed_json_line']} "
+                             f"malformed lines); is it a truncated JSON array?")
+        if not self.n_queries:
+            raise ValueError(f"{path}: no usable query in {self.n_dialogues} dialogues "
+                             f"(skipped: {dict(skipped)})")
+        if skipped:
+            logger.warning("MMDialog %s: %d queries from %d dialogues, skipped %s", path,
+                           self.n_queries, self.n_dialogues, dict(skipped))
+        else:
+            logger.info("MMDialog %s: %d queries from %d dialogues", path, self.n_queries,
+                        self.n_dialogues)
+
+
 def load_mmdialog(mmdialog_dir: str | Path, split: str = "test", target: str = "last",
                   check_images: bool = True) -> tuple[list[MMDialogQuery], Counter]:
-    """Read ``<mmdialog_dir>/<split>/conversations.json`` into retrieval queries.
+    """Read ``<mmdialog_dir>/<split>/conversations.json`` into a list of retrieval queries
+    (all in memory: for a whole test split iterate a :class:`MMDialogStream` instead).
 
     ``target="last"`` makes one query per dialogue (its last turn; the paper's setting);
     ``"every"`` one per turn after the first. ``check_images=False`` skips the file existence
@@ -241,25 +388,6 @@ def load_mmdialog(mmdialog_dir: str | Path, split: str = "test", target: str = "
     Raises FileNotFoundError / ValueError naming the file if it is missing, a truncated JSON
     array, or yields no usable query.
     """
-    if target not in TARGETS:
-        raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
-    path = conversations_path(mmdialog_dir, split)
-    skipped: Counter = Counter()
-    has_image = _ImageCheck(mmdialog_dir, split, check_images)
-    queries: list[MMDialogQuery] = []
-    n_dialogues = 0
-    for raw in read_dialogues(path, skipped):
-        n_dialogues += 1
-        queries.extend(_dialogue_queries(raw, target, has_image, skipped))
-    if n_dialogues == 0 and skipped["malformed_json_line"]:
-        raise ValueError(f"{path}: no line parses as JSON ({skipped['malformed_json_line']} "
-                         f"malformed lines); is it a truncated JSON array?")
-    if not queries:
-        raise ValueError(f"{path}: no usable query in {n_dialogues} dialogues "
-                         f"(skipped: {dict(skipped)})")
-    if skipped:
-        logger.warning("MMDialog %s: %d queries from %d dialogues, skipped %s", path,
-                       len(queries), n_dialogues, dict(skipped))
-    else:
-        logger.info("MMDialog %s: %d queries from %d dialogues", path, len(queries), n_dialogues)
-    return queries, skipped
+    stream = MMDialogStream(mmdialog_dir, split, target, check_images)
+    queries = list(stream)
+    return queries, Counter(stream.skipped)

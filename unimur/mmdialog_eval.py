@@ -6,17 +6,18 @@ import logging
 import time
 from collections import Counter
 from collections import OrderedDict
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
 from torch import Tensor
 
 from .embeddings import ImageEmbeddings
-from .eval_core import (EXAMPLE_TOP_K, N_EXAMPLES, _add, _check_dims, _ranked, _split_counts, _timing,
+from .eval_core import (EXAMPLE_TOP_K, N_EXAMPLES, _check_dims, _ranked, _split_counts, _timing,
                         _valid, supports_text_retrieval)
-from .mmdialog import MMDialogQuery, load_mmdialog, media_path
+from .mmdialog import MMDialogQuery, MMDialogStream, media_path
+from .mmdialog_chunks import POOL_REASONS, ChunkedQueries, _MediaTable
 from .pool_scoring import _Pools, _Scored
 from .retrieval import recall_metrics
 from .retriever import Embedder
@@ -26,141 +27,8 @@ logger = logging.getLogger(__name__)
 # MMDialog reader reasons by what they remove.
 _MMDIALOG_DIALOGUE_REASONS = {"too_few_turns", "malformed_dialogue", "malformed_json_line"}
 _MMDIALOG_QUERY_REASONS = {"empty_target_turn", "missing_target_image", "empty_context"}
-# Queries whose candidate pool is smaller than the protocol's (see _short_pool).
-_MMDIALOG_POOL_REASONS = {f"{n}_negative_{m}" for n in ("no", "too_few") for m in ("images", "texts")}
 # MMDialog's protocol: 999 negative texts and 999 negative images per dialogue (SPEC section 4).
 MMDIALOG_NEGATIVES = 999
-
-
-class _MediaTable:
-    """Media key -> row of an :class:`ImageEmbeddings`.
-
-    Ids are matched exactly, or by file stem when the file stores paths (FROMAGe's pickle keeps
-    ``paths``; a MMDialog path ``test/<key>.jpg`` has the media key as its stem).
-    """
-
-    def __init__(self, embeddings: ImageEmbeddings):
-        self.embeddings = embeddings
-        self.rows = embeddings.position()
-        stems: dict[str, int] = {}
-        for i, key in enumerate(embeddings.ids):
-            if "." not in key and "/" not in key:
-                continue  # a bare media key (the usual case): no Path() per id over ~1M ids
-            stem = Path(key).stem
-            if stem != key and stem not in self.rows:
-                stems.setdefault(stem, i)
-        self.rows.update(stems)
-
-    def row(self, key: str) -> int | None:
-        return self.rows.get(key)
-
-
-def _needed_media(queries: Sequence[MMDialogQuery]) -> list[str]:
-    """Every distinct media key the queries use (context, target, negatives), first-seen order."""
-    keys: dict[str, None] = {}
-    for q in queries:
-        for kind, value in q.context:
-            if kind == "image":
-                keys[value] = None
-        keys.update(dict.fromkeys(q.gt_media_keys))
-        keys.update(dict.fromkeys(q.negative_media_keys))
-    return list(keys)
-
-
-def _embed_media(embedder: Embedder, mmdialog_dir: str | Path, split: str, keys: list[str]
-                 ) -> tuple[ImageEmbeddings, Counter]:
-    """Embed every needed image file once; unreadable ones come back in the Counter."""
-    paths = [media_path(mmdialog_dir, split, k) for k in keys]
-    logger.info("MMDialog: embedding %d distinct images", len(paths))
-    return embedder.embed_images(paths, ids=keys)
-
-
-def _resolve_query(q: MMDialogQuery, table: _MediaTable, given: bool, dropped: Counter
-                   ) -> MMDialogQuery | None:
-    """Drop media the table lacks: context images and negatives are counted, a missing target
-    drops the query (embedded here) or is returned as None for the caller to report (given file).
-    """
-    missing = "not_in_embeddings" if given else "unreadable"
-    context = []
-    for kind, value in q.context:
-        if kind == "image" and table.row(value) is None:
-            dropped[f"context_image_{missing}"] += 1
-            continue
-        context.append((kind, value))
-    negatives = [k for k in q.negative_media_keys if table.row(k) is not None]
-    _add(dropped, f"negative_image_{missing}", len(q.negative_media_keys) - len(negatives))
-    if any(table.row(k) is None for k in q.gt_media_keys):
-        return None
-    return replace(q, context=context, negative_media_keys=negatives)
-
-
-def _without_gt_duplicates(q: MMDialogQuery, dropped: Counter) -> MMDialogQuery:
-    """Negatives identical to a ground-truth element are not negatives: retrieving one is
-    retrieving the right answer, and as an exact tie it would otherwise count against it."""
-    gt_t, gt_m = set(q.gt_texts), set(q.gt_media_keys)
-    texts = [t for t in q.negative_texts if t not in gt_t]
-    keys = [k for k in q.negative_media_keys if k not in gt_m]
-    _add(dropped, "negative_text_equal_to_gt", len(q.negative_texts) - len(texts))
-    _add(dropped, "negative_image_equal_to_gt", len(q.negative_media_keys) - len(keys))
-    return replace(q, negative_texts=texts, negative_media_keys=keys)
-
-
-def _short_pool(q: MMDialogQuery, n_negatives: int, with_text: bool) -> str | None:
-    """Why ``q``'s candidate pool is smaller than the protocol's, or None if it is not.
-
-    A pool of only the ground truth is a free rank-1 hit and a short pool an easier one, so
-    such queries are skipped and counted rather than scored as if their pool were full. The
-    text pool only counts when the model retrieves texts.
-    """
-    pools = [("images", q.negative_media_keys)] + ([("texts", q.negative_texts)] if with_text else [])
-    for modality, negatives in pools:
-        if len(negatives) < n_negatives:
-            return f"{'no' if not negatives else 'too_few'}_negative_{modality}"
-    return None
-
-
-def _prepare_queries(queries: list[MMDialogQuery], table: _MediaTable, given: bool,
-                     skipped: Counter, n_negatives: int, with_text: bool) -> list[MMDialogQuery]:
-    """Resolve media and clean pools; queries that cannot be scored are counted in ``skipped``.
-
-    The pool-size rule counts a query's negatives that can be scored (non-empty texts, images
-    with a file or an embedding), before negatives equal to a ground-truth element are removed
-    (those are correct answers, not a smaller pool).
-    """
-    out, missing_targets = [], []
-    for q in queries:
-        resolved = _resolve_query(q, table, given, skipped)
-        if resolved is None:
-            if given:
-                missing_targets += [k for k in q.gt_media_keys if table.row(k) is None]
-            else:
-                skipped["unreadable_target_image"] += 1
-            continue
-        if not resolved.context:
-            skipped["empty_context_after_image_drop"] += 1
-            continue
-        short = _short_pool(resolved, n_negatives, with_text)
-        if short is not None:
-            skipped[short] += 1
-            continue
-        out.append(_without_gt_duplicates(resolved, skipped))
-    if missing_targets:
-        raise ValueError(
-            f"{len(missing_targets)} ground-truth media keys are not in the embedding file "
-            f"(e.g. {missing_targets[:3]}): it does not cover this split; re-run "
-            f"unimur/extract_vis_emb.py over it, or omit --embeddings to embed the images now")
-    n_short = sum(skipped[r] for r in _MMDIALOG_POOL_REASONS)
-    hint = ("a set with fewer negatives per dialogue states its size with --n-negatives (the "
-            "synthetic sets: the --n-negatives they were generated with)")
-    if not out:
-        raise ValueError(f"no MMDialog query left to evaluate (skipped: {dict(skipped)})"
-                         + (f"; {n_short} pools are smaller than {n_negatives} negatives per "
-                            f"modality: {hint}" if n_short else ""))
-    if n_short:
-        logger.warning("MMDialog: %d queries skipped, not scored: their candidate pools hold fewer "
-                       "than %d negatives per modality (%s); %s", n_short, n_negatives,
-                       {r: skipped[r] for r in sorted(_MMDIALOG_POOL_REASONS) if skipped[r]}, hint)
-    return out
 
 
 def _contexts(queries: Sequence[MMDialogQuery], table: _MediaTable) -> list[list]:
@@ -348,7 +216,8 @@ def evaluate_mmdialog(embedder: Embedder, mmdialog_dir: str | Path, *, split: st
                       image_rule: str | None = None, text_ranking: str = "embedding", ret_within: int = 0,
                       attribute_labels=None, chunk_size: int = 64,
                       n_negatives: int = MMDIALOG_NEGATIVES,
-                      data: tuple[list[MMDialogQuery], Counter] | None = None) -> dict[str, Any]:
+                      data: MMDialogStream | tuple[Iterable[MMDialogQuery], Counter] | None = None
+                      ) -> dict[str, Any]:
     """MMDialog multimodal response retrieval (SPEC section 4).
 
     Args:
@@ -356,7 +225,7 @@ def evaluate_mmdialog(embedder: Embedder, mmdialog_dir: str | Path, *, split: st
         mmdialog_dir: folder holding ``<split>/conversations.json`` and the images.
         target: "last" (the paper) or "every" turn after the first.
         embeddings: precomputed image embeddings (``unimur/extract_vis_emb.py``); when None,
-            every needed image is embedded now. Keys missing from a given file: context images
+            each chunk's images are embedded as it comes (recent ones cached). Keys missing from a given file: context images
             and negatives are dropped and counted, a ground-truth image is an error.
         image_threshold: with image_rule="threshold", output an image only when the best image
             scores above it (cosine).
@@ -366,15 +235,18 @@ def evaluate_mmdialog(embedder: Embedder, mmdialog_dir: str | Path, *, split: st
             else "always".
         text_ranking: "embedding" (UniMuR: cosine with u) or "likelihood" (FROMAGe: log p(text |
             context) under the frozen LLM; mean per token ranks, the sum is reported too).
-        chunk_size: dialogues embedded and scored together; candidate texts are embedded per
-            chunk (recent ones cached), so memory does not grow with the number of dialogues.
+        chunk_size: queries embedded and scored together. Dialogues are read from the file as
+            the chunks need them, and candidate texts and images embedded per chunk (recent
+            ones cached), so memory does not grow with the number of dialogues.
         attribute_labels: what each image shows and each text names (the synthetic sets know:
             `unimur.synthetic.mmdialog_attribute_labels`); adds the attribute consistency.
         n_negatives: the protocol's pool size, negatives per modality (999 in MMDialog); a query
             whose pool holds fewer (after dropping unusable images) is skipped and counted under
             ``counts["skipped_queries"]`` (``no_negative_images``, ``too_few_negative_texts``, ...).
-        data: what ``load_mmdialog(mmdialog_dir, split, target, check_images=embeddings is
-            None)`` returned, when the caller read it already.
+        data: the queries, when the caller has them: a ``MMDialogStream(mmdialog_dir, split,
+            target, check_images=embeddings is None)`` (read as the chunks need it), or a
+            ``(queries, skipped)`` pair such as ``load_mmdialog`` returns (``skipped`` is read
+            after the queries, so a generator may still be filling it). Default: a stream.
 
     Returns the results dict described in the module docstring.
     """
@@ -386,29 +258,33 @@ def evaluate_mmdialog(embedder: Embedder, mmdialog_dir: str | Path, *, split: st
         raise ValueError(f"n_negatives must be >= 1 (the negatives per modality of a full pool), "
                          f"got {n_negatives}")
     given = embeddings is not None
-    queries, skipped = (data if data is not None
-                        else load_mmdialog(mmdialog_dir, split, target, check_images=not given))
-    queries, skipped = list(queries), Counter(skipped)
+    if data is None:
+        data = MMDialogStream(mmdialog_dir, split, target, check_images=not given)
+    queries, reader_skipped = data if isinstance(data, tuple) else (data, data.skipped)
     with_text = text_ranking == "likelihood" or supports_text_retrieval(embedder)
-    image_skips: Counter = Counter()
-    if embeddings is None:
-        embeddings, image_skips = _embed_media(embedder, mmdialog_dir, split, _needed_media(queries))
-    table = _MediaTable(embeddings)
-    queries = _prepare_queries(queries, table, given, skipped, n_negatives, with_text)
-
-    totals, text_cache = _Totals(), _TextEmbeddingCache(embedder)
-    for begin in range(0, len(queries), chunk_size):
-        _evaluate_chunk(queries[begin:begin + chunk_size], embedder, table, text_cache, totals,
+    chunks = ChunkedQueries(queries, chunk_size, embedder=embedder, embeddings=embeddings,
+                            mmdialog_dir=mmdialog_dir, split=split, n_negatives=n_negatives,
+                            with_text=with_text)
+    totals, text_cache, table = _Totals(), _TextEmbeddingCache(embedder), None
+    for part, table in chunks:
+        _evaluate_chunk(part, embedder, table, text_cache, totals,
                         with_text=with_text, text_ranking=text_ranking, image_rule=image_rule,
                         image_threshold=image_threshold, ret_within=ret_within,
                         attribute_labels=attribute_labels, mmdialog_dir=mmdialog_dir, split=split,
                         n_examples=n_examples)
+    # the reader's reasons first, then the evaluation's (read now: a stream fills its Counter
+    # as it is consumed)
+    skipped = Counter(reader_skipped)
+    skipped.update(chunks.skipped)
+    chunks.check_end(skipped)
+    n_evaluated = chunks.n_scorable
+    image_skips = chunks.image_cache.unreadable if chunks.image_cache is not None else Counter()
     texts_on = with_text and bool(totals.text)
     image_out = _Totals.cat(totals.image_out, torch.bool)
     (c_sum, n_pairs), (a_hits, n_attribute) = totals.consistency, totals.attribute
     consistency = c_sum / n_pairs if n_pairs else None
     attribute = a_hits / n_attribute if n_attribute else None
-    notes = _mmdialog_notes(with_text, embeddings, consistency, attribute_labels is not None)
+    notes = _mmdialog_notes(with_text, table.embeddings, consistency, attribute_labels is not None)
     metrics = {
         "text": recall_metrics(_Totals.cat(totals.text)) if texts_on else None,
         "text_sum_loglik": recall_metrics(_Totals.cat(totals.text_sum)) if totals.text_sum else None,
@@ -419,10 +295,10 @@ def evaluate_mmdialog(embedder: Embedder, mmdialog_dir: str | Path, *, split: st
         "attribute_consistency": attribute,
     }
     counts = _split_counts(skipped, {"skipped_dialogues": _MMDIALOG_DIALOGUE_REASONS,
-                                     "skipped_queries": _MMDIALOG_QUERY_REASONS | _MMDIALOG_POOL_REASONS
+                                     "skipped_queries": _MMDIALOG_QUERY_REASONS | POOL_REASONS
                                      | {"unreadable_target_image", "empty_context_after_image_drop"}},
                            rest="dropped_elements")
-    logger.info("MMDialog: %d queries evaluated, skipped %s", len(queries), dict(skipped))
+    logger.info("MMDialog: %d queries evaluated, skipped %s", n_evaluated, dict(skipped))
     return {
         "benchmark": "mmdialog",
         "settings": {
@@ -457,7 +333,7 @@ def evaluate_mmdialog(embedder: Embedder, mmdialog_dir: str | Path, *, split: st
         },
         "metrics": metrics,
         "counts": {
-            "queries_evaluated": len(queries),
+            "queries_evaluated": n_evaluated,
             "queries_skipped": (sum(counts["skipped_queries"].values())
                                 + sum(counts["skipped_dialogues"].values())),
             **counts, "unreadable_images": dict(sorted(image_skips.items())),
@@ -468,7 +344,7 @@ def evaluate_mmdialog(embedder: Embedder, mmdialog_dir: str | Path, *, split: st
             "image_outputs": int(image_out.sum()), "consistency_pairs": n_pairs,
             "attribute_consistency_pairs": n_attribute,
         },
-        "timing": _timing(t0, len(queries)),
+        "timing": _timing(t0, n_evaluated),
         "examples": totals.examples,
         "notes": notes,
     }

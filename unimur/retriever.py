@@ -29,6 +29,15 @@ from .retrieval import topk_chunked
 logger = logging.getLogger(__name__)
 
 
+class NoUsableImages(ValueError):
+    """None of the images given to ``embed_images`` could be read; ``skipped`` maps each id to
+    its reason (a caller embedding in batches counts them and carries on)."""
+
+    def __init__(self, message: str, skipped: dict[str, str]):
+        super().__init__(message)
+        self.skipped = skipped
+
+
 class Embedder(Protocol):
     def embed_queries(self, contexts: Sequence[Sequence[Piece]]) -> torch.Tensor:
         """(B, E) normalised unified embeddings of interleaved contexts."""
@@ -198,7 +207,8 @@ class ModelEmbedder:
             caps.append(self.model.cap_input(feats).float().cpu())
             clips.append(F.normalize(feats.embed.float(), dim=-1).cpu())
         if not rows:
-            raise ValueError(f"none of the {len(paths)} images could be read ({dict(Counter(skipped.values()))})")
+            raise NoUsableImages(f"none of the {len(paths)} images could be read "
+                                 f"({dict(Counter(skipped.values()))})", skipped)
         enc = self.model.encoders
         # CLIP-V embeddings serve the cross-modal consistency (a cosine with CLIP-T): only
         # meaningful when image and text encoders share one space (not EfficientNet + MiniLM)
