@@ -160,8 +160,8 @@ def differences(per_run: dict[str, dict[int, dict[str, PerQuery]]], a: str, b: s
 
 
 def format_table(summary: dict, diff: dict, order: list[str]) -> str:
-    width = 16
-    head = f"{'metric (%)':<34}" + "".join(f"{EVALUATIONS[e].label[:width - 1]:>{width}}" for e in order)
+    width = 17
+    head = f"{'metric (%)':<32}" + "".join(f"{EVALUATIONS[e].label[:width - 1]:>{width}}" for e in order)
     head += f"{'UniMuR - FROMAGe [95% CI]':>30}"
     lines = [head, "-" * len(head)]
     for metric, label in METRICS:
@@ -172,7 +172,7 @@ def format_table(summary: dict, diff: dict, order: list[str]) -> str:
         if all(c == "-" for c in cells):
             continue
         d = diff.get(metric)
-        lines.append(f"{label:<34}" + "".join(f"{c:>{width}}" for c in cells)
+        lines.append(f"{label:<32}" + "".join(f"{c:>{width}}" for c in cells)
                      + f"{fmt_interval(d) if d else '-':>30}")
     return "\n".join(lines)
 
@@ -289,7 +289,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     print(f"UniMuR vs FROMAGe on the demo's synthetic data: seeds {list(args.seeds)}, "
           f"{n_queries.get('visdial', 0)} VisDial dialogues, {n_queries.get('mmdialog', 0)} MMDialog queries "
           f"(pool {cfg.n_negatives + 1})")
-    print("mean ± std over seeds; last column: paired difference, 95% bootstrap interval over queries and seeds")
+    print("mean ± std over seeds; 'UniMuR (F rules)': UniMuR's models answering with FROMAGe's rules "
+          "(likelihood text ranking, image only after [RET]); last column: paired difference, 95% bootstrap "
+          "interval over queries and seeds")
     print(table)
     print("\nClaims of the abstract (UniMuR - FROMAGe, points of %):")
     for row in claims:

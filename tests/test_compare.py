@@ -127,3 +127,43 @@ def test_visdial_per_query_and_summary():
     assert summary["m"]["visdial/dialogue_to_image/R@10"] == {"mean": 75.0, "std": 0.0, "values": [75.0, 75.0]}
     rows = claims_table({"visdial/dialogue_to_image/R@1": {"diff": 1.0, "lo": 0.5, "hi": 2.0}})
     assert rows[-1]["verdict"] == "holds" and rows[0]["verdict"] == "not measured"
+
+
+def _compare_module():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "compare_methods.py"
+    spec = importlib.util.spec_from_file_location("compare_methods", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_evaluations_give_per_query_arrays_that_match_their_results(tmp_path, tiny_model):
+    """The driver's evaluation on a real (tiny) model: UniMuR's rules and FROMAGe's on one set;
+    `evaluate` itself raises if a per-query array disagrees with the evaluation's figure."""
+    import dataclasses
+
+    from unimur import synthetic
+    from unimur.shared_passes import FrozenPassMemo
+
+    cm = _compare_module()
+    data = synthetic.generate(tmp_path / "d", 0, n_train=0, n_val=0, n_visdial=5, n_mmdialog=6,
+                              n_negatives=4, image_size=32)
+    labels = synthetic.mmdialog_attribute_labels(data["meta"])
+    cfg = dataclasses.replace(cm.QUICK, n_negatives=4, eval_batch_size=4)
+    memo = FrozenPassMemo()
+    mine = cm.evaluate(tiny_model, "unimur", data, labels, cfg, memo)
+    rules = cm.evaluate(tiny_model, "unimur@fromage_rules", data, labels, cfg, memo)
+    assert memo.stats["images_hit"] >= 1  # the second evaluation reused the frozen image features
+    assert "visdial" in mine["metrics"] and "visdial" not in rules["metrics"]
+    assert mine["keys"]["mmdialog"] == rules["keys"]["mmdialog"]
+    assert rules["settings"]["mmdialog"]["image_rule"] == "ret-token"
+    n = len(mine["keys"]["mmdialog"])
+    assert n == 6 and sum(mine["per_query"]["mmdialog/image_retrieval_rate"]["num"]) == n  # always both
+    per_run = {"unimur": {0: cm._per_query(mine)}, "fromage": {0: cm._per_query(rules)}}
+    diffs = cm.differences(per_run, "unimur", "fromage", n_boot=50)
+    assert diffs["mmdialog/image_retrieval_rate"]["diff"] == pytest.approx(
+        100.0 * (1 - sum(rules["per_query"]["mmdialog/image_retrieval_rate"]["num"]) / n))
+    assert "visdial/dialogue_to_image/R@1" not in diffs  # only where both runs have it

@@ -47,9 +47,11 @@ def test_ret_token_rule_and_overall_counts_missed_images(tmp_path):
     assert m["image_retrieval_rate"] == pytest.approx(2 / 3)
     # image ranks are the ranking's own (A 1; C 2, 3) ...
     assert_metrics(m["image"], 100 / 3, 100, 100, (1 + 1 / 2 + 1 / 3) / 3, 2.0, 3)
-    # ... but overall counts A's image as missed: rank = its pool size (3) + 1
+    # ... but overall counts A's image as missed: never a hit (not even at R@5 > its pool of
+    # 3), 0 in the MRR, and rank pool size (3) + 1 in the mean rank
     ranks = [1, 3, 1, 4, 2, 3]
-    assert_metrics(m["overall"], 100 * 2 / 6, 100, 100, sum(1 / r for r in ranks) / 6, sum(ranks) / 6, 6)
+    hit_rr = [1, 1 / 3, 1, 0, 1 / 2, 1 / 3]
+    assert_metrics(m["overall"], 100 * 2 / 6, 100 * 5 / 6, 100 * 5 / 6, sum(hit_rr) / 6, sum(ranks) / 6, 6)
     assert res["settings"]["image_rule"] == "ret-token" and res["settings"]["ret_within"] == 2
     assert res["counts"]["consistency_pairs"] == 2  # B (no image gt, but outputs one) and C
 
@@ -142,7 +144,8 @@ def test_visdial_ret_token_rule(tmp_path):
     stub.generates_ret = lambda contexts, within=0: torch.tensor([True, False, True, True])
     res = evaluate_visdial(stub, write_visdial(tmp_path / "VisualDialog"), image_rule="ret-token")
     m = res["metrics"]
-    # dialogue->image ranks [1, 1, 2, 4]; dialogue 2 outputs no image: a miss, rank 4 + 1
+    # dialogue->image ranks [1, 1, 2, 4]; dialogue 2 outputs no image: a miss, never a hit
+    # (not even at R@5, beyond the pool of 4), 0 in the MRR, rank 4 + 1 in the mean rank
     assert_metrics(m["dialogue_to_image"], 50, 100, 100, 0.6875, 2.0, 4)
-    assert_metrics(m["dialogue_to_image_output"], 25, 100, 100, (1 + 0.2 + 0.5 + 0.25) / 4, 3.0, 4)
+    assert_metrics(m["dialogue_to_image_output"], 25, 75, 75, (1 + 0.5 + 0.25) / 4, 3.0, 4)
     assert m["image_retrieval_rate"] == 0.75 and res["settings"]["image_rule"] == "ret-token"

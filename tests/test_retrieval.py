@@ -237,3 +237,15 @@ def test_recall_metrics_odd_median_custom_ks_and_empty() -> None:
     assert empty["n"] == 0 and math.isnan(empty["R@1"])
     with pytest.raises(ValueError):
         recall_metrics(torch.tensor([0, 1]))
+
+
+def test_missed_elements_are_never_hits():
+    """An element the system did not output is a miss at every k, even beyond its pool."""
+    from unimur.retrieval import recall_metrics
+
+    ranks = torch.tensor([1, 3, 4])              # the last: missed, pool of 3 -> rank 3 + 1
+    m = recall_metrics(ranks, ks=(1, 5), missed=torch.tensor([False, False, True]))
+    assert m["R@1"] == pytest.approx(100 / 3) and m["R@5"] == pytest.approx(200 / 3)
+    assert m["MRR"] == pytest.approx((1 + 1 / 3) / 3) and m["mean_rank"] == pytest.approx(8 / 3)
+    with pytest.raises(ValueError, match="entries"):
+        recall_metrics(ranks, missed=torch.tensor([False]))

@@ -58,7 +58,7 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in (
 EVALUATIONS: dict[str, Evaluation] = {e.name: e for e in (
     Evaluation("unimur", "UniMuR", "unimur", "always", "embedding"),
     Evaluation("fromage", "FROMAGe", "fromage", "ret-token", "likelihood"),
-    Evaluation("unimur@fromage_rules", "UniMuR, FROMAGe's rules", "unimur", "ret-token", "likelihood",
+    Evaluation("unimur@fromage_rules", "UniMuR (F rules)", "unimur", "ret-token", "likelihood",
                visdial=False),
     Evaluation("no_tm", "UniMuR w/o TM", "no_tm", "always", "embedding"),
     Evaluation("no_vm", "UniMuR w/o VM", "no_vm", "always", "embedding"),

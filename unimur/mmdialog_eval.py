@@ -120,14 +120,16 @@ def _bar(items, desc: str):
                 disable=len(items) < 50)
 
 
-def _overall_ranks(texts: _Scored, images: _Scored, image_out: Tensor) -> Tensor:
-    """Ranks of every ground-truth element of both modalities; an image element of a response
-    for which no image is output is a miss (rank: its pool size + 1)."""
+def _overall_ranks(texts: _Scored, images: _Scored, image_out: Tensor) -> tuple[Tensor, Tensor]:
+    """Ranks of every ground-truth element of both modalities, and which are missed: an image
+    element of a response for which no image is output (never a hit; its rank for the mean
+    rank: its pool size + 1)."""
     image_ranks = images.ranks.clone()
     q_of = images.pools.positive.nonzero()[:, 0]
     missed = ~image_out[q_of]
     image_ranks[missed] = images.pools.valid.sum(1)[q_of][missed] + 1
-    return torch.cat([texts.ranks, image_ranks])
+    return (torch.cat([texts.ranks, image_ranks]),
+            torch.cat([torch.zeros(texts.ranks.numel(), dtype=torch.bool), missed.cpu()]))
 
 
 def _attribute_consistency(labels, embeddings: ImageEmbeddings, images: _Scored, image_out: Tensor,
@@ -189,6 +191,7 @@ class _Totals:
     text_sum: list = field(default_factory=list)
     image: list = field(default_factory=list)
     overall: list = field(default_factory=list)
+    overall_missed: list = field(default_factory=list)
     image_out: list = field(default_factory=list)
     text_pool: list = field(default_factory=list)
     image_pool: list = field(default_factory=list)
@@ -289,7 +292,8 @@ def evaluate_mmdialog(embedder: Embedder, mmdialog_dir: str | Path, *, split: st
         "text": recall_metrics(_Totals.cat(totals.text)) if texts_on else None,
         "text_sum_loglik": recall_metrics(_Totals.cat(totals.text_sum)) if totals.text_sum else None,
         "image": recall_metrics(_Totals.cat(totals.image)),
-        "overall": recall_metrics(_Totals.cat(totals.overall)) if texts_on else None,
+        "overall": (recall_metrics(_Totals.cat(totals.overall), missed=_Totals.cat(totals.overall_missed, torch.bool))
+                    if texts_on else None),
         "image_retrieval_rate": float(image_out.float().mean()),
         "cross_modal_consistency": consistency,
         "attribute_consistency": attribute,
@@ -379,7 +383,9 @@ def _evaluate_chunk(part: list[MMDialogQuery], embedder: Embedder, table: _Media
     totals.gt_texts += int(text_pools.positive.sum())
     if texts is not None:
         totals.text.append(texts.ranks)
-        totals.overall.append(_overall_ranks(texts, images, image_out))
+        ranks, missed = _overall_ranks(texts, images, image_out)
+        totals.overall.append(ranks)
+        totals.overall_missed.append(missed)
         c_sum, c_n = _consistency(embedder, embeddings, images, image_out, text_table, texts)
         totals.consistency = [totals.consistency[0] + c_sum, totals.consistency[1] + c_n]
         if attribute_labels is not None:

@@ -339,12 +339,16 @@ def hits_at_k(ranks: Tensor, k: int) -> Tensor:
     return ranks <= k
 
 
-def recall_metrics(ranks: Tensor, ks: Sequence[int] = (1, 5, 10)) -> dict[str, float | int]:
+def recall_metrics(ranks: Tensor, ks: Sequence[int] = (1, 5, 10), missed: Tensor | None = None
+                   ) -> dict[str, float | int]:
     """Summary metrics of 1-based ranks.
 
     Args:
         ranks: [n] 1-based ranks (any integer or float tensor; all values >= 1).
         ks: cut-offs for recall.
+        missed: [n] bool, elements the system did not output at all (FROMAGe's responses
+            without an image): never a hit at any k and 0 in the MRR, whatever their rank
+            (which only enters the mean and median rank; callers give pool size + 1).
 
     Returns:
         ``{"R@k": percent 0-100 for each k, "MRR": mean of 1/rank as a fraction 0-1,
@@ -360,10 +364,13 @@ def recall_metrics(ranks: Tensor, ks: Sequence[int] = (1, 5, 10)) -> dict[str, f
                 "median_rank": nan, "n": 0}
     if ranks.min() < 1:
         raise ValueError("ranks are 1-based; got a value < 1")
+    shown = torch.ones(n, dtype=torch.bool) if missed is None else ~missed.detach().reshape(-1).cpu().bool()
+    if shown.numel() != n:
+        raise ValueError(f"missed has {shown.numel()} entries for {n} ranks")
     metrics: dict[str, float | int] = {
-        f"R@{k}": 100.0 * hits_at_k(ranks, k).double().mean().item() for k in ks
+        f"R@{k}": 100.0 * (hits_at_k(ranks, k) & shown).double().mean().item() for k in ks
     }
-    metrics["MRR"] = ranks.reciprocal().mean().item()
+    metrics["MRR"] = (ranks.reciprocal() * shown).mean().item()
     metrics["mean_rank"] = ranks.mean().item()
     metrics["median_rank"] = ranks.quantile(0.5).item()  # linear: averages the middle pair
     metrics["n"] = n

@@ -69,7 +69,8 @@ def evaluate_visdial(embedder: Embedder, visdial_dir: str | Path, *, context: st
     check their data before loading the model). ``image_rule="ret-token"`` (FROMAGe's) outputs
     an image only for dialogues after which greedy decoding yields [RET] (next token or within
     ``ret_within`` more): ``image_retrieval_rate`` and ``dialogue_to_image_output`` (a dialogue
-    without an image output is a miss, rank pool size + 1) are then reported too.
+    without an image output is a miss: never a hit, and rank pool size + 1 in the mean rank) are
+    then reported too.
 
     Returns the results dict described in the module docstring.
     """
@@ -106,7 +107,7 @@ def evaluate_visdial(embedder: Embedder, visdial_dir: str | Path, *, context: st
         shown = embedder.generates_ret(contexts, ret_within).bool()
         metrics["image_retrieval_rate"] = float(shown.float().mean())
         metrics["dialogue_to_image_output"] = recall_metrics(
-            torch.where(shown, d2i, torch.full_like(d2i, len(dialogs) + 1)))
+            torch.where(shown, d2i, torch.full_like(d2i, len(dialogs) + 1)), missed=~shown)
 
     counts = _split_counts(skipped, {"skipped_dialogues": _VISDIAL_DIALOGUE_REASONS
                                      | {"duplicate_image_id", "empty_query", "unreadable_image"}},
