@@ -1,6 +1,7 @@
 """The comparison's statistics and per-query metrics (unimur/compare_stats.py, unimur/comparison.py)."""
 
 import math
+import os
 
 import numpy as np
 import pytest
@@ -167,3 +168,28 @@ def test_evaluations_give_per_query_arrays_that_match_their_results(tmp_path, ti
     assert diffs["mmdialog/image_retrieval_rate"]["diff"] == pytest.approx(
         100.0 * (1 - sum(rules["per_query"]["mmdialog/image_retrieval_rate"]["num"]) / n))
     assert "visdial/dialogue_to_image/R@1" not in diffs  # only where both runs have it
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("UNIMUR_SLOW_TESTS"), reason="set UNIMUR_SLOW_TESTS=1 (~4 min)")
+def test_quick_comparison_end_to_end(tmp_path):
+    """`python benchmarks/compare_methods.py --quick`: every run trained, evaluated and summarised,
+    then a second invocation reuses every finished run."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from unimur.demo import DEMO_MODULES, missing_modules
+
+    if missing_modules(DEMO_MODULES):
+        pytest.skip("the demo weight packages are not installed")
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "compare_methods.py"
+    cmd = [sys.executable, str(script), "--quick", "--out", str(tmp_path / "cmp"), "--n-boot", "200"]
+    subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=900)
+    report = json.loads((tmp_path / "cmp" / "results" / "comparison.json").read_text())
+    assert [row["verdict"] in ("holds", "does not hold", "within noise") for row in report["claims"]] == [True] * 5
+    assert set(report["summary"]) == {"unimur", "fromage", "unimur@fromage_rules", "no_tm", "no_vm"}
+    assert (tmp_path / "cmp" / "results" / "comparison.png").stat().st_size > 10_000
+    again = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=900)
+    assert "=== train" not in again.stderr  # resumed: nothing trained twice
