@@ -230,14 +230,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for variant in variants:
             wanted = [e.name for e in evaluations if e.variant == variant
                       and (e.name != "unimur@fromage_rules" or seed in rules_seeds)]
-            todo = [e for e in wanted if runs.cached_result(e, seed) is None]
+            cached = {e: runs.cached_result(e, seed) for e in wanted}
             model = None
-            if todo:
+            if any(r is None for r in cached.values()):
                 with stages(f"train {variant} seed {seed}"):
                     model_dir = runs.model(variant, seed, data)
                 model = demo._load(model_dir)
             for e in wanted:
-                result = runs.cached_result(e, seed)
+                result = cached[e]
                 if result is None:
                     with stages(f"evaluate {e} seed {seed}"):
                         result = evaluate(model, e, data, labels, cfg, memo)

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .model import Piece, UniMuR, _cache_kwarg, _output_cache
+from .model import Piece, UniMuR, _cache_kwarg, _output_cache, pad_embeddings
 
 
 def _context_pass(model: UniMuR, context: Sequence[Piece], max_len: int | None):
@@ -79,12 +79,10 @@ def generates_ret(model: UniMuR, contexts: Sequence[Sequence[Piece]], within: in
                   max_len: int | None = None) -> Tensor:
     """(B,) bool: greedy decoding after each context produces `[RET]` as its next token, or
     within the first `within` further tokens (FROMAGe shows an image only then)."""
-    seqs = [model._context_embeddings(c, max_len, with_ret=False) for c in contexts]
-    b, width, h = len(seqs), max(s.shape[0] for s in seqs), seqs[0].shape[1]
-    inputs = seqs[0].new_zeros(b, width, h)
-    mask = torch.zeros(b, width, dtype=torch.long, device=model.device)
-    for i, s in enumerate(seqs):  # left padding: every context's next token is at the same column
-        inputs[i, width - len(s):], mask[i, width - len(s):] = s, 1
+    # left padding: every context's next token is at the same column
+    inputs, mask = pad_embeddings([model._context_embeddings(c, max_len, with_ret=False) for c in contexts],
+                                  "left")
+    b = inputs.shape[0]
     body = model.llm.base_model
     position = (mask.cumsum(-1) - 1).clamp(min=0)
     out = body(inputs_embeds=inputs.to(model._llm_dtype), attention_mask=mask, position_ids=position,

@@ -387,14 +387,8 @@ class UniMuR(nn.Module):
         once at the start, as in training), each image as its k mapped embeddings, then
         [RET]. Contexts longer than `max_len` keep their most recent positions.
         """
-        seqs = [self._context_embeddings(ctx, max_len) for ctx in contexts]
-        width = max(s.shape[0] for s in seqs)
-        b, h = len(seqs), seqs[0].shape[1]
-        inputs = seqs[0].new_zeros(b, width, h)
-        mask = torch.zeros(b, width, dtype=torch.long, device=self.device)
-        for i, s in enumerate(seqs):
-            span = slice(width - len(s), width) if padding_side == "left" else slice(0, len(s))
-            inputs[i, span], mask[i, span] = s, 1
+        inputs, mask = pad_embeddings([self._context_embeddings(ctx, max_len) for ctx in contexts],
+                                      padding_side)
         if self._all_layers:
             hidden, layers = self.run_llm(inputs, mask, all_layers=True)
             return self.unified_from_hidden(hidden, mask, layers)
@@ -463,6 +457,18 @@ def left_align(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, tor
     shift = (t - 1 - last_position(mask))[:, None]                         # (B, 1)
     src = (torch.arange(t, device=mask.device)[None, :] - shift) % t        # column to read
     return ids.gather(1, src), mask.gather(1, src)
+
+
+def pad_embeddings(seqs: Sequence[torch.Tensor], padding_side: str = "right"
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(T_i, H) sequences -> (B, T_max, H) zero-padded inputs and the (B, T_max) attention mask."""
+    width, h = max(s.shape[0] for s in seqs), seqs[0].shape[1]
+    inputs = seqs[0].new_zeros(len(seqs), width, h)
+    mask = torch.zeros(len(seqs), width, dtype=torch.long, device=seqs[0].device)
+    for i, s in enumerate(seqs):
+        span = slice(width - len(s), width) if padding_side == "left" else slice(0, len(s))
+        inputs[i, span], mask[i, span] = s, 1
+    return inputs, mask
 
 
 def last_position(attention_mask: torch.Tensor) -> torch.Tensor:

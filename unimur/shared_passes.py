@@ -34,7 +34,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-from .model import Piece, UniMuR, _cache_kwarg, _output_cache
+from .model import Piece, UniMuR, _cache_kwarg, _output_cache, pad_embeddings
 
 
 @dataclass
@@ -96,11 +96,7 @@ def unified_from_prefix(model: UniMuR, contexts: Sequence[Sequence[Piece]], memo
     entry = memo.prefixes.get(key)
     memo.stats["prefix_hit" if entry is not None else "prefix_miss"] += 1
     if entry is None:
-        b, width, h = len(seqs), max(s.shape[0] for s in seqs), seqs[0].shape[1]
-        inputs = seqs[0].new_zeros(b, width, h)
-        mask = torch.zeros(b, width, dtype=torch.long, device=model.device)
-        for i, s in enumerate(seqs):  # right padding: the padded keys are masked for [RET]
-            inputs[i, : len(s)], mask[i, : len(s)] = s, 1
+        inputs, mask = pad_embeddings(seqs, "right")  # the padded keys are masked for [RET]
         out = body(inputs_embeds=inputs.to(model._llm_dtype), attention_mask=mask,
                    position_ids=(mask.cumsum(-1) - 1).clamp(min=0), use_cache=True)
         cache = _output_cache(out)
