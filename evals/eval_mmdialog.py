@@ -29,7 +29,8 @@ from evals.common import (add_common_args, check_embeddings_model, check_model_d
                           model_info, report, require_path, run_cli)
 from unimur.evaluation import MMDIALOG_NEGATIVES, evaluate_mmdialog  # noqa: E402
 from unimur.mmdialog import TARGETS, MMDialogStream, conversations_path  # noqa: E402
-from unimur.mmdialog_eval import IMAGE_RULES, TEXT_RANKINGS, response_rules  # noqa: E402
+from unimur.prompting import DEFAULT_PROMPT_STYLE, PROMPT_STYLES  # noqa: E402
+from unimur.response_rules import IMAGE_RULES, RET_MAX_TOKENS, TEXT_RANKINGS, response_rules  # noqa: E402
 from unimur.pretrained import read_model_config  # noqa: E402
 from unimur.synthetic import mmdialog_attribute_labels  # noqa: E402
 
@@ -64,9 +65,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         "ret-token (FROMAGe: only when the model generates [RET] after the context); "
                         "default: ret-token for a method=fromage model, else always (threshold with "
                         "--image-threshold)")
-    p.add_argument("--ret-within", type=int, default=0, metavar="N",
-                   help="ret-token: [RET] as the next token or within N further greedy tokens; "
-                        "default: %(default)s")
+    p.add_argument("--ret-max-tokens", type=int, default=RET_MAX_TOKENS, metavar="N",
+                   help="ret-token: greedy tokens generated after the context (cut at the first "
+                        "newline) among which a [RET] shows an image; FROMAGe's: %(default)s")
+    p.add_argument("--prompt-style", choices=PROMPT_STYLES, default=DEFAULT_PROMPT_STYLE,
+                   help="dialogue: each turn on its own line after Q: / A:, ending in '\\nA:' "
+                        "(FROMAGe's); flat: the turns' pieces run together; default: %(default)s")
+    p.add_argument("--max-context-tokens", type=int, default=None, metavar="N",
+                   help="positions a context may take; longer ones lose their oldest turns "
+                        "(counted); default: the LLM's maximum positions")
     p.add_argument("--text-ranking", choices=TEXT_RANKINGS, default=None,
                    help="embedding (UniMuR: cosine with u) or likelihood (FROMAGe: log p(text | "
                         "context) under the frozen LLM); default: likelihood for a method=fromage "
@@ -84,6 +91,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(argv)
     if args.n_negatives < 1:
         raise ValueError(f"--n-negatives must be >= 1, got {args.n_negatives}")
+    if args.max_context_tokens is not None and args.max_context_tokens < 2:
+        raise ValueError(f"--max-context-tokens must be >= 2, got {args.max_context_tokens}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     # Read and check the data, the embeddings and the model folder before loading the model: a
     # wrong path or a damaged file should fail in a second, not after minutes of loading.
@@ -111,7 +120,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     results = evaluate_mmdialog(embedder, args.mmdialog_dir, split=args.split, target=args.target,
                                 embeddings=embeddings, image_threshold=args.image_threshold,
                                 n_negatives=args.n_negatives, data=data, image_rule=image_rule,
-                                text_ranking=text_ranking, ret_within=args.ret_within,
+                                text_ranking=text_ranking, ret_max_tokens=args.ret_max_tokens,
+                                prompt_style=args.prompt_style, max_context_tokens=args.max_context_tokens,
                                 attribute_labels=labels, chunk_size=args.chunk_size)
     results["settings"]["attribute_labels"] = str(labels_path) if labels_path else None
     results["settings"]["embeddings_file"] = str(Path(args.embeddings).resolve()) if args.embeddings else None

@@ -38,8 +38,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--image-rule", choices=("always", "ret-token"), default="always",
                    help="ret-token: count a dialogue's image as output only when the model generates "
                         "[RET] after it (FROMAGe), adding the image retrieval rate; default: %(default)s")
-    p.add_argument("--ret-within", type=int, default=0, metavar="N",
-                   help="ret-token: [RET] as the next token or within N further greedy tokens")
+    p.add_argument("--ret-max-tokens", type=int, default=32, metavar="N",
+                   help="ret-token: greedy tokens generated after the dialogue (cut at the first "
+                        "newline) among which a [RET] outputs an image; FROMAGe's: %(default)s")
     p.add_argument("--image-resize", choices=("crop", "squash"), default="crop",
                    help="crop: the encoder's preprocessing (short side, centre crop); squash: resize "
                         "to the square input first, as FROMAGe's evaluation does (to reproduce its "
@@ -62,7 +63,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                              progress=not args.no_progress, image_resize=args.image_resize)
     results = evaluate_visdial(embedder, args.visdial_dir, context=args.context,
                                rounds=args.rounds, split=args.split, data=data,
-                               image_rule=args.image_rule, ret_within=args.ret_within)
+                               image_rule=args.image_rule, ret_max_tokens=args.ret_max_tokens)
     results["settings"]["image_resize"] = args.image_resize
     results["model"] = model_info(args.model_dir, embedder)
     print(report(results, args.output, args.examples_png))

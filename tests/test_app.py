@@ -75,7 +75,7 @@ def test_retrieve_endpoint_matches_the_reference(served, tiny_pool):
     answer = client.predict(json.dumps(dialogue), 4, api_name="/retrieve")
     images = load_image_embeddings(tiny_pool.images)
     feature = images.cap_features[images.ids.index("green_square.png")]
-    ref_img, ref_txt = reference(tiny_pool.model, ["look at this", feature, "do you have a red one?"], images,
+    ref_img, ref_txt = reference(tiny_pool.model, [["look at this", feature], ["do you have a red one?"]], images,
                                  tiny_pool.texts, 4)
     assert [x["id"] for x in answer["images"]] == [i for i, _ in ref_img]
     assert [x["text"] for x in answer["texts"]] == [t for t, _ in ref_txt]
@@ -100,7 +100,7 @@ def test_chat_turns_accumulate_and_show_the_reference_answer(served, tiny_pool):
     chat, gallery, texts, status, message, attached = client.predict("another colour?", None, 2, api_name="/send")
 
     images = load_image_embeddings(tiny_pool.images)
-    ref_img, ref_txt = reference(tiny_pool.model, ["look at my circle", load_rgb_image(image), "another colour?"],
+    ref_img, ref_txt = reference(tiny_pool.model, [["look at my circle", load_rgb_image(image)], ["another colour?"]],
                                  images, tiny_pool.texts, 2)
     assert [g["caption"].split()[-1] for g in gallery] == [i for i, _ in ref_img]
     assert [float(g["caption"].split()[1]) for g in gallery] == pytest.approx([s for _, s in ref_img], abs=2e-3)
@@ -126,6 +126,6 @@ def test_page_opens_with_the_given_dialogue_answered(served, tiny_pool):
     frame = next(b for b in blocks.blocks.values() if isinstance(b, gr.Dataframe))
     images = load_image_embeddings(tiny_pool.images)
     feature = images.cap_features[images.ids.index("green_square.png")]
-    _, ref_txt = reference(tiny_pool.model, ["look at this", feature, "one more?"], images, tiny_pool.texts, 2)
+    _, ref_txt = reference(tiny_pool.model, [["look at this", feature], ["one more?"]], images, tiny_pool.texts, 2)
     assert [row[2] for row in frame.value["data"]] == [t for t, _ in ref_txt]
     assert ref_txt[0][0] in json.dumps(chat.value, default=str)

@@ -250,7 +250,9 @@ def test_mmdialog_metrics_and_counts(tmp_path):
     assert len(stub.image_calls) == 1 and len(stub.image_calls[0]) == len(set(stub.image_calls[0]))
     # the context image enters as its cap feature, and all queries go in one batch
     (contexts,) = stub.query_calls
-    assert len(contexts) == 3 and torch.equal(contexts[1][0], MM_IMAGES[KP])
+    # (FROMAGe's dialogue prompt: the turn's speaker mark, then the image in its place)
+    assert len(contexts) == 3 and contexts[1][0] == "Q:" and torch.equal(contexts[1][1], MM_IMAGES[KP])
+    assert contexts[1][-1] == "\nA:"
     ex = res["examples"][2]
     assert ex["image_ranks"] == [2, 3] and ex["text_ranks"] == [1]
     assert ex["retrieved_texts"][0] == {"text": "green stuff", "score": pytest.approx(1.0), "is_gt": True}

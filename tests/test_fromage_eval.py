@@ -27,22 +27,35 @@ class FromageStub:
         return getattr(self.base, name)
 
     def text_log_likelihoods(self, context, candidates):
-        key = next((p for p in context if isinstance(p, str)), "")
+        # the context's first text, without the prompt's speaker mark; candidates as read after "A:"
+        key = next((p for p in context if isinstance(p, str)), "").removeprefix("Q: ").removeprefix("A: ")
+        candidates = [c.strip() for c in candidates]
         means = torch.tensor([LOGLIK.get((key, c), -10.0) for c in candidates])
         return means * torch.tensor([len(c.split()) for c in candidates]), means
 
-    def generates_ret(self, contexts, within=0):
+    def generate_responses(self, contexts, max_tokens=32):
         """The flags of these contexts: the evaluation asks in query order, chunk by chunk."""
         start = sum(n for _, n in self.ret_calls)
-        self.ret_calls.append((within, len(contexts)))
-        return torch.tensor(self.ret_flags[start:start + len(contexts)])
+        self.ret_calls.append((max_tokens, len(contexts)))
+        return fixed_generations(self.ret_flags[start:start + len(contexts)], self.base, contexts)
+
+
+def fixed_generations(flags, stub, contexts, u=None):
+    """Generations with the given [RET] flags; the [RET]'s embedding is the query's own unless
+    ``u`` gives one per context."""
+    from unimur.generative import Generations
+
+    ret = torch.tensor(flags)
+    u = stub.embed_queries(contexts) if u is None else u
+    return Generations(ret, torch.where(ret[:, None], u, torch.zeros_like(u)), ["text"] * len(flags))
 
 
 def test_ret_token_rule_and_overall_counts_missed_images(tmp_path):
     root = write_mmdialog(tmp_path / "MMDialog")
     stub = mm_stub()
-    stub.generates_ret = lambda contexts, within=0: torch.tensor([False, True, True])  # A, B, C
-    res = evaluate_mmdialog(stub, root, n_negatives=MM_NEG, image_rule="ret-token", ret_within=2)
+    stub.generate_responses = lambda contexts, max_tokens=32: fixed_generations(
+        [False, True, True], stub, contexts)  # A, B, C
+    res = evaluate_mmdialog(stub, root, n_negatives=MM_NEG, image_rule="ret-token", ret_max_tokens=2)
     m = res["metrics"]
     assert m["image_retrieval_rate"] == pytest.approx(2 / 3)
     # image ranks are the ranking's own (A 1; C 2, 3) ...
@@ -52,7 +65,10 @@ def test_ret_token_rule_and_overall_counts_missed_images(tmp_path):
     ranks = [1, 3, 1, 4, 2, 3]
     hit_rr = [1, 1 / 3, 1, 0, 1 / 2, 1 / 3]
     assert_metrics(m["overall"], 100 * 2 / 6, 100 * 5 / 6, 100 * 5 / 6, sum(hit_rr) / 6, sum(ranks) / 6, 6)
-    assert res["settings"]["image_rule"] == "ret-token" and res["settings"]["ret_within"] == 2
+    assert res["settings"]["image_rule"] == "ret-token" and res["settings"]["ret_max_tokens"] == 2
+    # showing an image was right for A and C (their responses hold one), not for B
+    q = m["image_output"]
+    assert (q["precision"], q["recall"], q["f1"]) == pytest.approx((1 / 2, 1 / 2, 1 / 2))
     assert res["counts"]["consistency_pairs"] == 2  # B (no image gt, but outputs one) and C
 
 
@@ -61,11 +77,12 @@ def test_likelihood_ranks_texts_of_a_model_without_text_space(tmp_path):
     res = evaluate_mmdialog(FromageStub([True, False, True]), root, n_negatives=MM_NEG,
                             text_ranking="likelihood", image_rule="ret-token")
     m = res["metrics"]
+    # sums (FROMAGe's ranking, metrics.text): A -2 vs -20/-20: 1; B -30 vs -20,-20: 3; C -4 vs
+    # -1 (green thing), -20: 2
+    assert_metrics(m["text"], 100 / 3, 100, 100, (1 + 1 / 3 + 1 / 2) / 3, 2.0, 3)
     # mean loglik: A "here red" -1 beats negatives (-10): 1; B "more like this" ties the
     # negatives at -10 and ties count against it: 3; C "green stuff" -2 < "green thing" -0.5: 2
-    assert_metrics(m["text"], 100 / 3, 100, 100, (1 + 1 / 3 + 1 / 2) / 3, 2.0, 3)
-    # sums: A -2 vs -20/-20: 1; B -30 vs -20,-20: 3; C -4 vs -1 (green thing), -20: 2
-    assert_metrics(m["text_sum_loglik"], 100 / 3, 100, 100, (1 + 1 / 3 + 1 / 2) / 3, 2.0, 3)
+    assert_metrics(m["text_mean_loglik"], 100 / 3, 100, 100, (1 + 1 / 3 + 1 / 2) / 3, 2.0, 3)
     assert m["overall"] is not None and m["image_retrieval_rate"] == pytest.approx(2 / 3)
     assert res["settings"]["text_ranking"] == "likelihood"
 
@@ -127,13 +144,15 @@ def test_fromage_model_fills_every_cell_of_the_mmdialog_table(fromage_model_dir,
     s, m = r["settings"], r["metrics"]
     # a method=fromage model gets FROMAGe's rules by default
     assert (s["text_ranking"], s["image_rule"]) == ("likelihood", "ret-token")
-    for key in ("text", "text_sum_loglik", "image", "overall"):
+    for key in ("text", "text_mean_loglik", "image", "overall", "overall_mean_loglik"):
         assert m[key] is not None and m[key]["n"] > 0, key
     assert 0 <= m["image_retrieval_rate"] <= 1
     assert s["attribute_labels"].endswith("meta.json")  # the synthetic set's labels were found
     if m["image_retrieval_rate"] > 0:
         assert m["attribute_consistency"] is not None
-    assert "text (sum loglik)" in table and "image retrieval rate" in table
+    assert "text (mean loglik)" in table and "image retrieval rate" in table and "precision" in table
+    assert s["prompt_style"] == "dialogue" and s["ret_max_tokens"] == 32
+    assert r["examples"][0]["prompt"].endswith("\nA:") and "generated_text" in r["examples"][0]
 
 
 def test_visdial_ret_token_rule(tmp_path):
@@ -141,7 +160,8 @@ def test_visdial_ret_token_rule(tmp_path):
     from unimur.evaluation import evaluate_visdial
 
     stub = vd_stub()
-    stub.generates_ret = lambda contexts, within=0: torch.tensor([True, False, True, True])
+    stub.generate_responses = lambda contexts, max_tokens=32: fixed_generations(
+        [True, False, True, True], stub, contexts)
     res = evaluate_visdial(stub, write_visdial(tmp_path / "VisualDialog"), image_rule="ret-token")
     m = res["metrics"]
     # dialogue->image ranks [1, 1, 2, 4]; dialogue 2 outputs no image: a miss, never a hit

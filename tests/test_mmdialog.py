@@ -54,7 +54,9 @@ def test_last_turn_query(tmp_path):
         context=[("text", "hi :wave:"), ("text", "look"), ("image", K1),
                  ("text", "can you show me a red circle")],
         gt_texts=["here is a red circle"], gt_media_keys=[K2],
-        negative_texts=["no", "maybe"], negative_media_keys=[K3, K4])]
+        negative_texts=["no", "maybe"], negative_media_keys=[K3, K4], context_turns=[0, 1, 1, 2])]
+    assert queries[0].turns() == [[("text", "hi :wave:")], [("text", "look"), ("image", K1)],
+                                  [("text", "can you show me a red circle")]]
     assert media_path(tmp_path, "test", K1) == tmp_path / "test" / f"{K1}.jpg"
 
 

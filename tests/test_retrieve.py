@@ -17,8 +17,12 @@ from unimur.embeddings import load_image_embeddings, save_fromage_pickle
 REPO = Path(__file__).resolve().parents[1]
 
 
-def reference(model, pieces, images, texts, k):
-    """Top-k (id, cosine) of the pool images and texts for one context, by full sort."""
+def reference(model, turns, images, texts, k):
+    """Top-k (id, cosine) of the pool images and texts for one dialogue (its turns' pieces, laid
+    out as FROMAGe prompts a dialogue, the default), by full sort."""
+    from unimur.prompting import layout
+
+    pieces = layout(turns, "dialogue")
     with torch.no_grad():
         u = model.encode_context([pieces]).float()[0]
         s_img = images.embeds.float() @ u
@@ -58,9 +62,9 @@ def test_query_turns_with_an_image_file_match_the_reference(tiny_pool, capsys):
     image = tiny_pool.image_dir / "red_circle.png"
     answer = run_json(capsys, pool_args(tiny_pool, "--query", "look at my circle", "--query-image", str(image),
                                         "--query", "do you have another one?", "-k", "3"))
-    pieces = ["look at my circle", load_rgb_image(image), "do you have another one?"]
+    turns = [["look at my circle"], [load_rgb_image(image)], ["do you have another one?"]]
     images = load_image_embeddings(tiny_pool.images)
-    check(answer, *reference(tiny_pool.model, pieces, images, tiny_pool.texts, 3))
+    check(answer, *reference(tiny_pool.model, turns, images, tiny_pool.texts, 3))
     assert answer["dialogue"] == ["look at my circle", "[image: red_circle.png]", "do you have another one?"]
     assert answer["image_output"] is True and answer["settings"]["image_rule"] == "always"
     assert answer["images"][0]["file"] == str(tiny_pool.image_dir / answer["images"][0]["id"])
@@ -79,7 +83,7 @@ def test_dialogue_file_pool_ids_use_the_stored_features(tiny_pool, tmp_path, cap
                                         "--turns", "-1", "-k", "4"))
     images = load_image_embeddings(tiny_pool.images)
     feature = images.cap_features[images.ids.index("blue_square.png")]
-    ref = reference(tiny_pool.model, ["hi there", "look at this", feature], images, tiny_pool.texts, 4)
+    ref = reference(tiny_pool.model, [["hi there"], ["look at this", feature]], images, tiny_pool.texts, 4)
     check(answer, *ref)
     assert answer["dialogue"] == ["hi there", "look at this [image: blue_square]"]
 
@@ -118,7 +122,7 @@ def test_model_folder_embedding_file_is_used_and_named(tiny_pool, tmp_path, caps
     with caplog.at_level(logging.INFO, logger="unimur.retrieve"):
         answer = run_json(capsys, [*argv, "--allow-pickle"])
     assert "cc3m_embeddings.pkl (the embedding file in --model-dir" in caplog.text
-    ref = reference(tiny_pool.model, ["a blue circle"], load_image_embeddings(tiny_pool.images), [], 3)[0]
+    ref = reference(tiny_pool.model, [["a blue circle"]], load_image_embeddings(tiny_pool.images), [], 3)[0]
     assert [(x["id"], pytest.approx(x["score"], abs=1e-4)) for x in answer["images"]] == \
         [(i, pytest.approx(s, abs=1e-4)) for i, s in ref]
     assert answer["texts"] == []
@@ -170,7 +174,7 @@ def test_script_path_runs_as_the_module(tiny_pool):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     answer = json.loads(proc.stdout)
-    ref = reference(tiny_pool.model, ["a red circle"], load_image_embeddings(tiny_pool.images), tiny_pool.texts, 2)
+    ref = reference(tiny_pool.model, [["a red circle"]], load_image_embeddings(tiny_pool.images), tiny_pool.texts, 2)
     check(answer, *ref)
 
 
@@ -205,16 +209,19 @@ def test_model_folder_embedding_file_rules(tmp_path):
 
 def test_fromage_rules_likelihood_texts_and_ret_token(tiny_pool, capsys, monkeypatch):
     """--text-ranking likelihood and --image-rule ret-token, as in the evaluation: the texts in
-    order of mean log p(text | dialogue); an image output exactly when [RET] is the argmax."""
-    from unimur.generative import candidate_log_likelihoods
+    order of summed log p(" " + text | "Q: <dialogue>\nA:"); an image output exactly when a
+    generated [RET] comes before any newline, ranked by that [RET]'s embedding."""
+    from unimur.generative import candidate_log_likelihoods, generate_responses
 
     answer = run_json(capsys, pool_args(tiny_pool, "--query", "look at my circle", "-k", "3",
                                         "--text-ranking", "likelihood", "--image-rule", "ret-token"))
-    _, means = candidate_log_likelihoods(tiny_pool.model, ["look at my circle"], tiny_pool.texts)
-    order = torch.argsort(-means, stable=True)[:3].tolist()
+    prompt = ["Q: look at my circle", "\nA:"]
+    sums, _ = candidate_log_likelihoods(tiny_pool.model, prompt, [" " + t for t in tiny_pool.texts])
+    order = torch.argsort(-sums, stable=True)[:3].tolist()
     assert [x["text"] for x in answer["texts"]] == [tiny_pool.texts[i] for i in order]
-    assert answer["texts"][0]["score"] == pytest.approx(float(means[order[0]]), abs=1e-4)
+    assert answer["texts"][0]["score"] == pytest.approx(float(sums[order[0]]), abs=1e-4)
     assert answer["settings"]["text_ranking"] == "likelihood" and answer["image_output"] is False
+    assert answer["generated_text"] == generate_responses(tiny_pool.model, [prompt]).texts[0]
     from unimur.model import UniMuR
 
     plain = UniMuR.lm_logits
@@ -227,3 +234,7 @@ def test_fromage_rules_likelihood_texts_and_ret_token(tiny_pool, capsys, monkeyp
     monkeypatch.setattr(UniMuR, "lm_logits", ret_always)
     forced = run_json(capsys, pool_args(tiny_pool, "--query", "look at my circle", "--image-rule", "ret-token"))
     assert forced["image_output"] is True
+    # [RET] as the first generated token: its state is encode_context's read-out of the prompt
+    ref = reference(tiny_pool.model, [["look at my circle"]], load_image_embeddings(tiny_pool.images), [], 3)[0]
+    assert [x["id"] for x in forced["images"]] == [i for i, _ in ref]
+    assert forced["images"][0]["score"] == pytest.approx(ref[0][1], abs=1e-4)

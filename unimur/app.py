@@ -50,9 +50,9 @@ class ChatState:
 
 def respond(session: Session, turns: list, k: int) -> dict[str, Any]:
     """``session.answer`` for ``turns``; image refs are pool ids or files the server holds."""
-    from unimur.dialogue import render, to_pieces
+    from unimur.dialogue import render, to_turn_pieces
 
-    answer = session.answer(to_pieces(turns, session.images), k=int(k))
+    answer = session.answer(to_turn_pieces(turns, session.images), k=int(k))
     answer["dialogue"] = render(turns)
     return answer
 

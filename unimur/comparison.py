@@ -9,7 +9,8 @@ do not depend on how the runs were made (and that the tests check against hand-b
   as per-query (num, den) arrays (`unimur.compare_stats.PerQuery`), checked against the
   evaluation's own aggregate so the statistics summarise exactly what the evaluation reported.
 - :data:`CLAIMS` and :func:`claims_table`: the abstract's claims, each a pre-declared metric with
-  its paired UniMuR - FROMAGe interval and verdict.
+  its paired UniMuR - FROMAGe interval and verdict (Holm-adjusted over the table's rows), for
+  UniMuR under its own rule and under the threshold rule chosen on a validation split.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from .compare_stats import PerQuery, mean_std, verdict
+from .compare_stats import PerQuery, holm, mean_std, verdict
 
 KS = (1, 5, 10)
 
@@ -42,9 +43,10 @@ class Evaluation:
     name: str          # row key in the results
     label: str         # row title in the table
     variant: str
-    image_rule: str    # MMDialog: always | ret-token
+    image_rule: str    # MMDialog: always | threshold | ret-token
     text_ranking: str  # MMDialog: embedding | likelihood
     visdial: bool = True  # VisDial's R@k forces [RET] under both rules: evaluated once per model
+    # threshold rule: chosen per model on a validation split (never on the test queries)
 
 
 VARIANTS: dict[str, Variant] = {v.name: v for v in (
@@ -57,6 +59,7 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in (
 
 EVALUATIONS: dict[str, Evaluation] = {e.name: e for e in (
     Evaluation("unimur", "UniMuR", "unimur", "always", "embedding"),
+    Evaluation("unimur@threshold", "UniMuR (threshold)", "unimur", "threshold", "embedding", visdial=False),
     Evaluation("fromage", "FROMAGe", "fromage", "ret-token", "likelihood"),
     Evaluation("unimur@fromage_rules", "UniMuR (F rules)", "unimur", "ret-token", "likelihood",
                visdial=False),
@@ -102,15 +105,24 @@ def mmdialog_per_query(results: dict[str, Any], labels=None) -> tuple[list, dict
 
     for ex in examples:
         image_ranks, shown = ex["image_ranks"], bool(ex["image_output"])
-        text_ranks = ex.get("text_ranks", [])
+        response_ranks = ex.get("response_image_ranks", image_ranks)  # ret-token: the generated [RET]'s
         for k in KS:
             add(f"mmdialog/image/R@{k}", _hits(image_ranks, k), len(image_ranks))
             if with_text:
-                add(f"mmdialog/text/R@{k}", _hits(text_ranks, k), len(text_ranks))
-                # an image element of a response that outputs no image is a miss
-                add(f"mmdialog/overall/R@{k}", _hits(text_ranks, k) + (_hits(image_ranks, k) if shown else 0),
-                    len(text_ranks) + len(image_ranks))
+                for kind, key in (("text", "text_ranks"), ("text_mean", "text_mean_ranks")):
+                    if key not in ex:
+                        continue
+                    text_ranks = ex[key]
+                    add(f"mmdialog/{kind}/R@{k}", _hits(text_ranks, k), len(text_ranks))
+                    # an image element of a response that outputs no image is a miss
+                    add(f"mmdialog/{kind.replace('text', 'overall')}/R@{k}",
+                        _hits(text_ranks, k) + (_hits(response_ranks, k) if shown else 0),
+                        len(text_ranks) + len(response_ranks))
         add("mmdialog/image_retrieval_rate", float(shown), 1.0)
+        has = bool(ex.get("gt_has_image", image_ranks))
+        add("mmdialog/image_output/precision", float(shown and has), float(shown))
+        add("mmdialog/image_output/recall", float(shown and has), float(has))
+        add("mmdialog/image_output/f1", 2.0 * float(shown and has), float(shown) + float(has))
         if with_text and labels is not None:
             both = shown and ex.get("retrieved_texts") and ex.get("retrieved_images")
             hit = both and labels.text(ex["retrieved_texts"][0]["text"]) in labels.image(ex["retrieved_images"][0]["id"])
@@ -118,10 +130,14 @@ def mmdialog_per_query(results: dict[str, Any], labels=None) -> tuple[list, dict
     out = {name: PerQuery(np.asarray(n, float), np.asarray(d, float)) for name, (n, d) in cols.items()}
     for k in KS:
         _check(f"image R@{k}", out[f"mmdialog/image/R@{k}"], metrics["image"][f"R@{k}"])
-        if with_text:
-            _check(f"text R@{k}", out[f"mmdialog/text/R@{k}"], metrics["text"][f"R@{k}"])
-            _check(f"overall R@{k}", out[f"mmdialog/overall/R@{k}"], metrics["overall"][f"R@{k}"])
+        for kind, name in (("text", "text"), ("overall", "overall"), ("text_mean", "text_mean_loglik"),
+                           ("overall_mean", "overall_mean_loglik")):
+            if f"mmdialog/{kind}/R@{k}" in out:
+                _check(f"{kind} R@{k}", out[f"mmdialog/{kind}/R@{k}"], metrics[name][f"R@{k}"])
     _check("image retrieval rate", out["mmdialog/image_retrieval_rate"], metrics["image_retrieval_rate"], 1.0)
+    for part in ("precision", "recall", "f1"):
+        _check(f"image output {part}", out[f"mmdialog/image_output/{part}"],
+               metrics.get("image_output", {}).get(part), 1.0)
     if "mmdialog/attribute_consistency" in out:
         _check("attribute consistency", out["mmdialog/attribute_consistency"],
                metrics.get("attribute_consistency"), 1.0)
@@ -150,21 +166,46 @@ def visdial_per_query(results: dict[str, Any]) -> tuple[list, dict[str, PerQuery
 # Metrics in the order of the printed table: (key, label). Values are shown in %.
 METRICS: tuple[tuple[str, str], ...] = (
     *((f"mmdialog/overall/R@{k}", f"MMDialog overall R@{k}") for k in KS),
+    *((f"mmdialog/overall_mean/R@{k}", f"MMDialog overall R@{k} (mean loglik)") for k in KS),
     *((f"mmdialog/text/R@{k}", f"MMDialog text R@{k}") for k in KS),
+    *((f"mmdialog/text_mean/R@{k}", f"MMDialog text R@{k} (mean loglik)") for k in KS),
     *((f"mmdialog/image/R@{k}", f"MMDialog context->image R@{k}") for k in KS),
     ("mmdialog/image_retrieval_rate", "MMDialog image retrieval rate"),
+    ("mmdialog/image_output/precision", "MMDialog image output precision"),
+    ("mmdialog/image_output/recall", "MMDialog image output recall"),
+    ("mmdialog/image_output/f1", "MMDialog image output F1"),
     ("mmdialog/attribute_consistency", "MMDialog attribute consistency"),
     *((f"visdial/dialogue_to_image/R@{k}", f"VisDial dialogue->image R@{k}") for k in KS),
 )
 
-# The abstract's claims, each judged on one metric fixed before the run.
+# Compared only on the queries where both runs of a pair count (each method's own figure is
+# reported beside): consistency is defined on responses with both an image and a text output.
+JOINT_METRICS = ("mmdialog/attribute_consistency",)
+
+# The abstract's claims, each judged on one metric fixed before the run. The image claim is
+# judged on the F1 of showing an image when the true response has one: a rate of image outputs
+# is 100% for a rule that always shows one, whatever it learned.
 CLAIMS: tuple[tuple[str, str], ...] = (
     ("higher overall R@1 of MMDialog multimodal response retrieval", "mmdialog/overall/R@1"),
-    ("higher image retrieval rate (FROMAGe favours text-only answers)", "mmdialog/image_retrieval_rate"),
-    ("better cross-modal consistency (attribute consistency here)", "mmdialog/attribute_consistency"),
+    ("shows images when the response has one (FROMAGe favours text-only answers): image output F1",
+     "mmdialog/image_output/f1"),
+    ("better cross-modal consistency (attribute consistency, responses where both output both)",
+     "mmdialog/attribute_consistency"),
     ("better MMDialog context->image retrieval (R@1)", "mmdialog/image/R@1"),
     ("better VisDial dialogue->image retrieval (R@1)", "visdial/dialogue_to_image/R@1"),
 )
+# UniMuR's rows of the claims table: its own rule, and the threshold rule chosen on validation.
+# Context->image and VisDial force [RET] under every rule, so they are judged once.
+CLAIM_ROWS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
+    ("unimur", "UniMuR (always both)", tuple(m for _, m in CLAIMS)),
+    ("unimur@threshold", "UniMuR (threshold)", tuple(m for _, m in CLAIMS[:3])),
+)
+
+
+def joint(a: PerQuery, b: PerQuery) -> tuple[PerQuery, PerQuery]:
+    """Both restricted to the queries where both count (den > 0 in each)."""
+    both = (a.den > 0) & (b.den > 0)
+    return PerQuery(a.num * both, a.den * both), PerQuery(b.num * both, b.den * both)
 
 
 def summarise(per_run: dict[str, list[dict[str, PerQuery]]]) -> dict[str, dict[str, dict[str, float]]]:
@@ -183,12 +224,26 @@ def fmt_interval(d: dict[str, float]) -> str:
     return f"{d['diff']:+.1f} [{d['lo']:+.1f}, {d['hi']:+.1f}]"
 
 
-def claims_table(differences: dict[str, dict[str, float]]) -> list[dict[str, str]]:
-    """One row per claim: the metric, UniMuR - FROMAGe with its interval (points of %), verdict."""
+def claims_table(differences: dict[str, dict[str, dict[str, Any]]], alpha: float = 0.05
+                 ) -> list[dict[str, str]]:
+    """One row per (claim, UniMuR rule): the metric, UniMuR - FROMAGe with its interval (points
+    of %), the p-value, Holm's adjustment over every row of the table, and the verdict.
+    ``differences``: {"<evaluation> - fromage": {metric: paired_difference(...)}}."""
     rows = []
-    for claim, metric in CLAIMS:
-        d = differences.get(metric)
-        rows.append({"claim": claim, "metric": metric,
-                     "difference": fmt_interval(d) if d else "-",
-                     "verdict": verdict(d) if d else "not measured"})
-    return rows
+    for name, label, metrics in CLAIM_ROWS:
+        diff = differences.get(f"{name} - fromage", {})
+        for claim, metric in CLAIMS:
+            if metric in metrics:
+                rows.append({"claim": claim, "metric": metric, "unimur": label, "d": diff.get(metric)})
+    adjusted = holm([r["d"]["p"] if r["d"] and not r["d"].get("undefined") else float("nan") for r in rows])
+    out = []
+    for r, p_holm in zip(rows, adjusted):
+        d = r.pop("d")
+        if d is not None:
+            d = {**d, "p_holm": p_holm}
+        out.append({**r, "difference": fmt_interval(d) if d and not d.get("undefined") else "-",
+                    "p": f"{d['p']:.3g}" if d and not d.get("undefined") else "-",
+                    "p_holm": f"{p_holm:.3g}" if d and not d.get("undefined") else "-",
+                    "n": str(d.get("n_joint", "")) if d else "",
+                    "verdict": verdict(d, alpha=alpha, p_key="p_holm") if d else "not measured"})
+    return out

@@ -97,13 +97,15 @@ def select_turns(turns: list[Turn], n: int | None) -> list[Turn]:
     return kept
 
 
-def to_pieces(turns: Sequence[Turn], pool: ImageEmbeddings | None = None,
-              base_dir: str | Path | None = None) -> list:
-    """Context pieces for :meth:`UniMuR.encode_context`: text as ``str``, each image as the pool's
-    W_cap input feature (a 1-D tensor) when ``ref`` is a pool id, else as a PIL image read from file."""
+def to_turn_pieces(turns: Sequence[Turn], pool: ImageEmbeddings | None = None,
+                   base_dir: str | Path | None = None) -> list[list]:
+    """Each turn as context pieces (`unimur.prompting` lays them out): text as ``str``, each
+    image as the pool's W_cap input feature (a 1-D tensor) when ``ref`` is a pool id, else as a
+    PIL image read from file."""
     rows = _pool_rows(pool)
-    pieces: list = []
+    out: list[list] = []
     for t, turn in enumerate(turns, 1):
+        pieces: list = []
         for kind, value in turn:
             if kind == "text":
                 if value.strip():
@@ -114,9 +116,17 @@ def to_pieces(turns: Sequence[Turn], pool: ImageEmbeddings | None = None,
                 pieces.append(pool.cap_features[row])
             else:
                 pieces.append(_image_from_file(str(value), base_dir, t))
-    if not pieces:
+        if pieces:
+            out.append(pieces)
+    if not out:
         raise ValueError("the dialogue is empty: give at least one turn with text or an image")
-    return pieces
+    return out
+
+
+def to_pieces(turns: Sequence[Turn], pool: ImageEmbeddings | None = None,
+              base_dir: str | Path | None = None) -> list:
+    """Every turn's pieces in order (the ``flat`` prompt's context), see :func:`to_turn_pieces`."""
+    return [p for turn in to_turn_pieces(turns, pool, base_dir) for p in turn]
 
 
 def _pool_rows(pool: ImageEmbeddings | None) -> dict[str, int]:

@@ -63,13 +63,25 @@ def _table_mmdialog(r: Mapping[str, Any]) -> list[str]:
         rule = f" (full pool: {s['n_negatives']} negatives per modality)" if "n_negatives" in s else ""
         lines.append("skipped: " + ", ".join(f"{r} {n}" for r, n in sorted(skipped.items())) + rule)
     rows = [("text", m["text"])]
-    if m.get("text_sum_loglik") is not None:
-        rows.append(("text (sum loglik)", m["text_sum_loglik"]))
-    lines += _metric_rows("modality", rows + [("image", m["image"]), ("overall", m["overall"])])
+    if m.get("text_mean_loglik") is not None:
+        rows.append(("text (mean loglik)", m["text_mean_loglik"]))
+    rows += [("image", m["image"]), ("overall", m["overall"])]
+    if m.get("overall_mean_loglik") is not None:
+        rows.append(("overall (mean loglik)", m["overall_mean_loglik"]))
+    lines += _metric_rows("modality", rows)
     if s.get("text_ranking"):
         lines.append(f"text ranking: {s['text_ranking']}")
+    if s.get("prompt_style"):
+        lines.append(f"prompt: {s['prompt_style']} style, contexts cut to fit "
+                     f"{s.get('max_context_tokens')} positions: {c.get('contexts_cut', 0)}")
     lines.append(f"image retrieval rate: {_fmt(m['image_retrieval_rate'], '.4f')} "
                  f"({s['image_output_rule']})")
+    q = m.get("image_output")
+    if q:
+        lines.append(f"image outputs vs responses with an image: precision {_fmt(q['precision'], '.4f')}, "
+                     f"recall {_fmt(q['recall'], '.4f')}, F1 {_fmt(q['f1'], '.4f')} "
+                     f"({q['correct_image_outputs']} of {q['image_outputs']} outputs; "
+                     f"{q['responses_with_image']} responses with an image)")
     lines.append(f"cross-modal consistency: {_fmt(m['cross_modal_consistency'], '.4f')} "
                  f"(n={c['consistency_pairs']}, CLIP cosine)")
     if m.get("attribute_consistency") is not None:

@@ -43,6 +43,17 @@ class MMDialogQuery:
     gt_media_keys: list[str] = field(default_factory=list)
     negative_texts: list[str] = field(default_factory=list)
     negative_media_keys: list[str] = field(default_factory=list)
+    # the turn each context segment belongs to (empty: one turn), for the prompt's layout
+    context_turns: list[int] = field(default_factory=list)
+
+    def turns(self) -> list[list[Segment]]:
+        """The context's segments grouped by turn, oldest first."""
+        if not self.context_turns:
+            return [list(self.context)]
+        out: dict[int, list[Segment]] = {}
+        for turn, segment in zip(self.context_turns, self.context):
+            out.setdefault(turn, []).append(segment)
+        return [out[t] for t in sorted(out)]
 
 
 def media_path(mmdialog_dir: str | Path, split: str, key: str) -> Path:
@@ -255,16 +266,19 @@ def _negatives(raw: dict[str, Any], has_image: _ImageCheck, skipped: Counter
 
 
 def _context(turns: list[list[Segment]], has_image: _ImageCheck, skipped: Counter
-             ) -> list[Segment]:
-    """Every segment of ``turns`` in order; images without a file are dropped and counted."""
+             ) -> tuple[list[Segment], list[int]]:
+    """Every segment of ``turns`` in order, with its turn's index; images without a file are
+    dropped and counted."""
     context: list[Segment] = []
-    for segments in turns:
+    turn_of: list[int] = []
+    for t, segments in enumerate(turns):
         for kind, value in segments:
             if kind == "image" and not has_image(value):
                 skipped["missing_context_image"] += 1
                 continue
             context.append((kind, value))
-    return context
+            turn_of.append(t)
+    return context, turn_of
 
 
 def _dialogue_queries(raw: Any, target: str, has_image: _ImageCheck, skipped: Counter
@@ -298,14 +312,14 @@ def _dialogue_queries(raw: Any, target: str, has_image: _ImageCheck, skipped: Co
         if not all(has_image(k) for k in gt_keys):
             skipped["missing_target_image"] += 1
             continue
-        context = _context(turns[:t], has_image, skipped)
+        context, turn_of = _context(turns[:t], has_image, skipped)
         if not context:
             skipped["empty_context"] += 1
             continue
         queries.append(MMDialogQuery(conversation_id, t, context,
                                      gt_texts=[v for kind, v in gt if kind == "text"],
                                      gt_media_keys=gt_keys, negative_texts=neg_texts,
-                                     negative_media_keys=neg_keys))
+                                     negative_media_keys=neg_keys, context_turns=turn_of))
     return queries
 
 

@@ -134,17 +134,19 @@ def _resolve_query(q: MMDialogQuery, has: Callable[[str], bool], given: bool, dr
     target drops the query (embedded here) or is returned as None for the caller to report
     (given file)."""
     missing = "not_in_embeddings" if given else "unreadable"
-    context = []
-    for kind, value in q.context:
+    context, turn_of = [], []
+    turns = q.context_turns or [0] * len(q.context)
+    for (kind, value), turn in zip(q.context, turns):
         if kind == "image" and not has(value):
             dropped[f"context_image_{missing}"] += 1
             continue
         context.append((kind, value))
+        turn_of.append(turn)
     negatives = [k for k in q.negative_media_keys if has(k)]
     _add(dropped, f"negative_image_{missing}", len(q.negative_media_keys) - len(negatives))
     if not all(has(k) for k in q.gt_media_keys):
         return None
-    return replace(q, context=context, negative_media_keys=negatives)
+    return replace(q, context=context, context_turns=turn_of, negative_media_keys=negatives)
 
 
 def _without_gt_duplicates(q: MMDialogQuery, dropped: Counter) -> MMDialogQuery:

@@ -19,6 +19,9 @@ from .eval_core import (EXAMPLE_TOP_K, N_EXAMPLES, _check_dims, _ranked, _split_
 from .mmdialog import MMDialogQuery, MMDialogStream, media_path
 from .mmdialog_chunks import POOL_REASONS, ChunkedQueries, _MediaTable
 from .pool_scoring import _Pools, _Scored
+from .prompting import DEFAULT_PROMPT_STYLE, PromptBuilder, candidate_text
+from .response_rules import (IMAGE_RULES, RET_MAX_TOKENS, TEXT_RANKINGS, describe_image_rule,  # noqa: F401
+                             image_output_quality, image_outputs, response_rules)
 from .retrieval import recall_metrics
 from .retriever import Embedder
 
@@ -31,15 +34,24 @@ _MMDIALOG_QUERY_REASONS = {"empty_target_turn", "missing_target_image", "empty_c
 MMDIALOG_NEGATIVES = 999
 
 
-def _contexts(queries: Sequence[MMDialogQuery], table: _MediaTable) -> list[list]:
-    """Context pieces for ``embed_queries``: text as ``str``, images as their W_cap input feature."""
+def _prompts(queries: Sequence[MMDialogQuery], table: _MediaTable, builder: PromptBuilder,
+             reserve: Sequence[int]) -> tuple[list[list], int]:
+    """Each query's context as the LLM reads it (`unimur.prompting`: text as ``str``, images as
+    their W_cap input feature, in the builder's style), fitted with ``reserve[q]`` positions
+    left for what follows it; and how many contexts lost their oldest turns to fit."""
     caps = table.embeddings.cap_features
     if caps is None and any(kind == "image" for q in queries for kind, _ in q.context):
         raise ValueError("the image embeddings carry no cap_features (W_cap inputs), so context "
                          "images cannot be fed to the LLM; recompute them with "
                          "unimur/extract_vis_emb.py")
-    return [[value if kind == "text" else caps[table.row(value)] for kind, value in q.context]
-            for q in queries]
+    contexts, cut = [], 0
+    for q, room in zip(queries, reserve):
+        turns = [[value if kind == "text" else caps[table.row(value)] for kind, value in turn]
+                 for turn in q.turns()]
+        fitted = builder.build(turns, room)
+        contexts.append(fitted.pieces)
+        cut += fitted.cut
+    return contexts, cut
 
 
 def _text_pools(queries: Sequence[MMDialogQuery]) -> tuple[list[str], _Pools]:
@@ -58,49 +70,11 @@ def _image_pools(queries: Sequence[MMDialogQuery], table: _MediaTable) -> _Pools
                         [[table.row(k) for k in q.gt_media_keys] for q in queries])
 
 
-IMAGE_RULES = ("always", "threshold", "ret-token")
-TEXT_RANKINGS = ("embedding", "likelihood")
-
-
-def response_rules(method: str, image_rule: str | None = None, text_ranking: str | None = None,
-                   image_threshold: float | None = None) -> tuple[str, str]:
-    """(image_rule, text_ranking) with each method's own defaults: FROMAGe answers its way
-    (ret-token, likelihood: it has no text space), UniMuR always outputs both modalities and
-    ranks texts by embedding; a threshold implies the threshold rule, and goes only with it."""
-    fromage = method == "fromage"
-    image_rule = image_rule or ("threshold" if image_threshold is not None
-                                else "ret-token" if fromage else "always")
-    text_ranking = text_ranking or ("likelihood" if fromage else "embedding")
-    if image_rule not in IMAGE_RULES or text_ranking not in TEXT_RANKINGS:
-        raise ValueError(f"image_rule {image_rule!r} / text_ranking {text_ranking!r}: expected one of "
-                         f"{IMAGE_RULES} / {TEXT_RANKINGS}")
-    if image_rule == "threshold" and image_threshold is None:
-        raise ValueError("--image-rule threshold needs --image-threshold T")
-    if image_rule != "threshold" and image_threshold is not None:
-        raise ValueError(f"--image-threshold applies to --image-rule threshold, not {image_rule}")
-    return image_rule, text_ranking
-
-
-def _image_outputs(images: _Scored, rule: str, threshold: float | None, generated_ret: Tensor | None
-                   ) -> Tensor:
-    """[Q] bool: whether the system outputs an image (always only when the pool has one).
-
-    always: UniMuR's rule, both modalities every time; threshold: only when the best image's
-    cosine exceeds ``threshold``; ret-token: FROMAGe's, only when the model generates [RET]
-    after the context (``generated_ret``).
-    """
-    out = images.has_output()
-    if rule == "threshold":
-        out &= images.top_score > threshold
-    elif rule == "ret-token":
-        out &= generated_ret
-    return out
-
-
 def _likelihood_texts(embedder: Embedder, contexts: list[list], text_table: list[str], pools: _Pools
                       ) -> tuple[_Scored, _Scored]:
     """FROMAGe's text ranking: each query's pool scored by log p(text | context) under the
-    frozen LLM; (mean per token, sum) as two scorings of the same pools."""
+    frozen LLM (``text_table`` as read after the prompt); (sum, mean per token) as two scorings
+    of the same pools: FROMAGe ranks by the sum."""
     mean = torch.full(pools.index.shape, float("-inf"))
     total = mean.clone()
     for q, context in enumerate(_bar(contexts, "text likelihoods")):
@@ -108,7 +82,7 @@ def _likelihood_texts(embedder: Embedder, contexts: list[list], text_table: list
         texts = [text_table[int(i)] for i in pools.index[q, cols]]
         sums, means = embedder.text_log_likelihoods(context, texts)
         total[q, cols], mean[q, cols] = sums.float(), means.float()
-    return _Scored.from_scores(mean, pools), _Scored.from_scores(total, pools)
+    return _Scored.from_scores(total, pools), _Scored.from_scores(mean, pools)
 
 
 def _bar(items, desc: str):
@@ -188,15 +162,18 @@ class _Totals:
     embedding tables (so memory does not grow with the number of dialogues' candidates)."""
 
     text: list = field(default_factory=list)
-    text_sum: list = field(default_factory=list)
+    text_mean: list = field(default_factory=list)
     image: list = field(default_factory=list)
     overall: list = field(default_factory=list)
+    overall_mean: list = field(default_factory=list)
     overall_missed: list = field(default_factory=list)
     image_out: list = field(default_factory=list)
+    has_image: list = field(default_factory=list)
     text_pool: list = field(default_factory=list)
     image_pool: list = field(default_factory=list)
     gt_texts: int = 0
     gt_images: int = 0
+    contexts_cut: int = 0
     consistency: list = field(default_factory=lambda: [0.0, 0])
     attribute: list = field(default_factory=lambda: [0, 0])
     examples: list = field(default_factory=list)
@@ -204,6 +181,28 @@ class _Totals:
     @staticmethod
     def cat(parts: list, dtype=torch.long) -> Tensor:
         return torch.cat(parts) if parts else torch.empty(0, dtype=dtype)
+
+
+@dataclass(frozen=True)
+class _Rules:
+    """How the evaluated system answers (`unimur.response_rules`) and reads the dialogue."""
+
+    image_rule: str
+    text_ranking: str
+    with_text: bool
+    image_threshold: float | None
+    ret_max_tokens: int
+    builder: PromptBuilder
+
+    def reserve(self, q: MMDialogQuery) -> int:
+        """Positions the context must leave free: [RET], the longest candidate (likelihood), the
+        generated tokens and the [RET] read after them (ret-token)."""
+        room = 1
+        if self.text_ranking == "likelihood":
+            room = max(room, self.builder.candidate_tokens([*q.negative_texts, *q.gt_texts]))
+        if self.image_rule == "ret-token":
+            room = max(room, self.ret_max_tokens + 1)
+        return room
 
 
 def _pool_sizes(valid_counts: Tensor) -> dict[str, float]:
@@ -216,8 +215,9 @@ def _pool_sizes(valid_counts: Tensor) -> dict[str, float]:
 def evaluate_mmdialog(embedder: Embedder, mmdialog_dir: str | Path, *, split: str = "test",
                       target: str = "last", embeddings: ImageEmbeddings | None = None,
                       image_threshold: float | None = None, n_examples: int = N_EXAMPLES,
-                      image_rule: str | None = None, text_ranking: str = "embedding", ret_within: int = 0,
-                      attribute_labels=None, chunk_size: int = 64,
+                      image_rule: str | None = None, text_ranking: str = "embedding",
+                      ret_max_tokens: int = RET_MAX_TOKENS, prompt_style: str = DEFAULT_PROMPT_STYLE,
+                      max_context_tokens: int | None = None, attribute_labels=None, chunk_size: int = 64,
                       n_negatives: int = MMDIALOG_NEGATIVES,
                       data: MMDialogStream | tuple[Iterable[MMDialogQuery], Counter] | None = None
                       ) -> dict[str, Any]:
@@ -233,11 +233,16 @@ def evaluate_mmdialog(embedder: Embedder, mmdialog_dir: str | Path, *, split: st
         image_threshold: with image_rule="threshold", output an image only when the best image
             scores above it (cosine).
         image_rule: "always" (UniMuR: both modalities), "threshold", or "ret-token" (FROMAGe: an
-            image only when greedy decoding after the context yields [RET], as the next token or
-            within ``ret_within`` further tokens); None: "threshold" when a threshold is given,
-            else "always".
-        text_ranking: "embedding" (UniMuR: cosine with u) or "likelihood" (FROMAGe: log p(text |
-            context) under the frozen LLM; mean per token ranks, the sum is reported too).
+            image only when greedy decoding of up to ``ret_max_tokens`` tokens after the context,
+            cut at the first newline, yields [RET]; the image is then retrieved with that
+            [RET]'s hidden state); None: "threshold" when a threshold is given, else "always".
+        text_ranking: "embedding" (UniMuR: cosine with u) or "likelihood" (FROMAGe: summed
+            log p(text | context) under the frozen LLM ranks ``text``; the mean per token ranks
+            ``text_mean_loglik``).
+        prompt_style: how the context is laid out (`unimur.prompting`): "dialogue" (FROMAGe's
+            ``Q:``/``A:`` lines ending in ``\nA:``) or "flat".
+        max_context_tokens: positions a context may take (default: the LLM's); longer contexts
+            lose their oldest turns, counted in ``counts["contexts_cut"]``.
         chunk_size: queries embedded and scored together. Dialogues are read from the file as
             the chunks need them, and candidate texts and images embedded per chunk (recent
             ones cached), so memory does not grow with the number of dialogues.
@@ -260,19 +265,23 @@ def evaluate_mmdialog(embedder: Embedder, mmdialog_dir: str | Path, *, split: st
     if n_negatives < 1:
         raise ValueError(f"n_negatives must be >= 1 (the negatives per modality of a full pool), "
                          f"got {n_negatives}")
+    if ret_max_tokens < 1:
+        raise ValueError(f"ret_max_tokens must be >= 1, got {ret_max_tokens}")
     given = embeddings is not None
     if data is None:
         data = MMDialogStream(mmdialog_dir, split, target, check_images=not given)
     queries, reader_skipped = data if isinstance(data, tuple) else (data, data.skipped)
     with_text = text_ranking == "likelihood" or supports_text_retrieval(embedder)
+    make_builder = getattr(embedder, "prompt_builder", None)
+    builder = (make_builder(prompt_style, max_context_tokens) if make_builder is not None
+               else PromptBuilder(prompt_style, max_context_tokens))
+    rules = _Rules(image_rule, text_ranking, with_text, image_threshold, ret_max_tokens, builder)
     chunks = ChunkedQueries(queries, chunk_size, embedder=embedder, embeddings=embeddings,
                             mmdialog_dir=mmdialog_dir, split=split, n_negatives=n_negatives,
                             with_text=with_text)
     totals, text_cache, table = _Totals(), _TextEmbeddingCache(embedder), None
     for part, table in chunks:
-        _evaluate_chunk(part, embedder, table, text_cache, totals,
-                        with_text=with_text, text_ranking=text_ranking, image_rule=image_rule,
-                        image_threshold=image_threshold, ret_within=ret_within,
+        _evaluate_chunk(part, embedder, table, text_cache, totals, rules,
                         attribute_labels=attribute_labels, mmdialog_dir=mmdialog_dir, split=split,
                         n_examples=n_examples)
     # the reader's reasons first, then the evaluation's (read now: a stream fills its Counter
@@ -280,121 +289,162 @@ def evaluate_mmdialog(embedder: Embedder, mmdialog_dir: str | Path, *, split: st
     skipped = Counter(reader_skipped)
     skipped.update(chunks.skipped)
     chunks.check_end(skipped)
-    n_evaluated = chunks.n_scorable
     image_skips = chunks.image_cache.unreadable if chunks.image_cache is not None else Counter()
-    texts_on = with_text and bool(totals.text)
-    image_out = _Totals.cat(totals.image_out, torch.bool)
-    (c_sum, n_pairs), (a_hits, n_attribute) = totals.consistency, totals.attribute
-    consistency = c_sum / n_pairs if n_pairs else None
-    attribute = a_hits / n_attribute if n_attribute else None
-    notes = _mmdialog_notes(with_text, table.embeddings, consistency, attribute_labels is not None)
-    metrics = {
-        "text": recall_metrics(_Totals.cat(totals.text)) if texts_on else None,
-        "text_sum_loglik": recall_metrics(_Totals.cat(totals.text_sum)) if totals.text_sum else None,
-        "image": recall_metrics(_Totals.cat(totals.image)),
-        "overall": (recall_metrics(_Totals.cat(totals.overall), missed=_Totals.cat(totals.overall_missed, torch.bool))
-                    if texts_on else None),
-        "image_retrieval_rate": float(image_out.float().mean()),
-        "cross_modal_consistency": consistency,
-        "attribute_consistency": attribute,
-    }
     counts = _split_counts(skipped, {"skipped_dialogues": _MMDIALOG_DIALOGUE_REASONS,
                                      "skipped_queries": _MMDIALOG_QUERY_REASONS | POOL_REASONS
                                      | {"unreadable_target_image", "empty_context_after_image_drop"}},
                            rest="dropped_elements")
-    logger.info("MMDialog: %d queries evaluated, skipped %s", n_evaluated, dict(skipped))
+    logger.info("MMDialog: %d queries evaluated, skipped %s", chunks.n_scorable, dict(skipped))
+    metrics = _metrics(totals, rules)
     return {
         "benchmark": "mmdialog",
-        "settings": {
-            "split": split, "target": target, "mmdialog_dir": str(mmdialog_dir),
-            "text_retrieval": with_text,
-            "image_rule": image_rule,
-            "image_output_rule": {"always": "always both modalities",
-                                  "threshold": f"image only when top image cosine > {image_threshold}",
-                                  "ret-token": f"image only when greedy decoding yields [RET] within "
-                                               f"{ret_within + 1} token(s) (FROMAGe)"}[image_rule],
-            "image_threshold": image_threshold, "ret_within": ret_within,
-            "text_ranking": text_ranking if with_text else None,
-            "text_scoring": ({"embedding": "cosine with the unified embedding u",
-                              "likelihood": "mean per-token log p(text | context) under the frozen LLM "
-                                            "(metrics.text); the summed log-likelihood ranks "
-                                            "metrics.text_sum_loglik"}[text_ranking] if with_text else None),
-            "embeddings": "given" if given else "computed from the image files",
-            "embeddings_meta": dict(embeddings.meta) if given else None,
-            "n_negatives": n_negatives,
-            "pool": f"per query: its negatives, then its ground-truth elements; a query with "
-                    f"fewer than {n_negatives} scorable negatives per modality is skipped "
-                    f"(counted in skipped_queries); negatives equal to a ground-truth element "
-                    f"are then removed",
-            "ties": "lower pool index ranks first, so ties count against the ground truth",
-            "overall": "recall over all ground-truth elements of both modalities; an image "
-                       "element of a response with no image output is a miss",
-            "consistency": {"cross_modal": "mean CLIP cosine of the top-1 image (CLIP-V) and top-1 "
-                                           "text (CLIP-T), where both are output and a CLIP pair exists",
-                            "attribute": "share of responses whose top-1 text names an object the "
-                                         "top-1 image shows (synthetic sets' labels)"},
-            "score": "cosine (dot product of L2-normalised embeddings)", "ranks": "1-based",
-        },
+        "settings": _settings(rules, split, target, mmdialog_dir, embeddings, n_negatives, prompt_style,
+                              max_context_tokens or builder.max_tokens),
         "metrics": metrics,
         "counts": {
-            "queries_evaluated": n_evaluated,
+            "queries_evaluated": chunks.n_scorable,
             "queries_skipped": (sum(counts["skipped_queries"].values())
                                 + sum(counts["skipped_dialogues"].values())),
             **counts, "unreadable_images": dict(sorted(image_skips.items())),
             "gt_texts": totals.gt_texts, "gt_images": totals.gt_images,
+            "contexts_cut": totals.contexts_cut,
             "pool_sizes": {"text": _pool_sizes(_Totals.cat(totals.text_pool)),
                            "image": _pool_sizes(_Totals.cat(totals.image_pool))},
             "texts_embedded": text_cache.embedded, "chunk_size": chunk_size,
-            "image_outputs": int(image_out.sum()), "consistency_pairs": n_pairs,
-            "attribute_consistency_pairs": n_attribute,
+            "image_outputs": int(_Totals.cat(totals.image_out, torch.bool).sum()),
+            "consistency_pairs": totals.consistency[1], "attribute_consistency_pairs": totals.attribute[1],
         },
-        "timing": _timing(t0, n_evaluated),
+        "timing": _timing(t0, chunks.n_scorable),
         "examples": totals.examples,
-        "notes": notes,
+        "notes": _mmdialog_notes(with_text, table.embeddings, metrics["cross_modal_consistency"],
+                                 attribute_labels is not None),
+    }
+
+
+def _metrics(totals: _Totals, rules: _Rules) -> dict[str, Any]:
+    texts_on = rules.with_text and bool(totals.text)
+    image_out = _Totals.cat(totals.image_out, torch.bool)
+    missed = _Totals.cat(totals.overall_missed, torch.bool)
+    (c_sum, n_pairs), (a_hits, n_attribute) = totals.consistency, totals.attribute
+    return {
+        "text": recall_metrics(_Totals.cat(totals.text)) if texts_on else None,
+        "text_mean_loglik": recall_metrics(_Totals.cat(totals.text_mean)) if totals.text_mean else None,
+        "image": recall_metrics(_Totals.cat(totals.image)),
+        "overall": recall_metrics(_Totals.cat(totals.overall), missed=missed) if texts_on else None,
+        "overall_mean_loglik": (recall_metrics(_Totals.cat(totals.overall_mean), missed=missed)
+                                if totals.overall_mean else None),
+        "image_retrieval_rate": float(image_out.float().mean()) if image_out.numel() else float("nan"),
+        "image_output": image_output_quality(image_out, _Totals.cat(totals.has_image, torch.bool)),
+        "cross_modal_consistency": c_sum / n_pairs if n_pairs else None,
+        "attribute_consistency": a_hits / n_attribute if n_attribute else None,
+    }
+
+
+def _settings(rules: _Rules, split: str, target: str, mmdialog_dir, embeddings: ImageEmbeddings | None,
+              n_negatives: int, prompt_style: str, max_context_tokens: int | None) -> dict[str, Any]:
+    likelihood = ("summed log p(text | context) under the frozen LLM, the text read after the prompt "
+                  "(FROMAGe's; metrics.text); the mean per token ranks metrics.text_mean_loglik")
+    return {
+        "split": split, "target": target, "mmdialog_dir": str(mmdialog_dir),
+        "text_retrieval": rules.with_text,
+        "image_rule": rules.image_rule,
+        "image_output_rule": describe_image_rule(rules.image_rule, rules.image_threshold, rules.ret_max_tokens),
+        "image_threshold": rules.image_threshold, "ret_max_tokens": rules.ret_max_tokens,
+        "text_ranking": rules.text_ranking if rules.with_text else None,
+        "text_scoring": ({"embedding": "cosine with the unified embedding u", "likelihood": likelihood}
+                         [rules.text_ranking] if rules.with_text else None),
+        "prompt_style": prompt_style, "max_context_tokens": max_context_tokens,
+        "context_fit": "a context longer than max_context_tokens (minus [RET], the longest candidate, "
+                       "the generated tokens) loses its oldest turns (counts.contexts_cut)",
+        "embeddings": "given" if embeddings is not None else "computed from the image files",
+        "embeddings_meta": dict(embeddings.meta) if embeddings is not None else None,
+        "n_negatives": n_negatives,
+        "pool": f"per query: its negatives, then its ground-truth elements; a query with "
+                f"fewer than {n_negatives} scorable negatives per modality is skipped "
+                f"(counted in skipped_queries); negatives equal to a ground-truth element "
+                f"are then removed",
+        "ties": "lower pool index ranks first, so ties count against the ground truth",
+        "overall": "recall over all ground-truth elements of both modalities; an image "
+                   "element of a response with no image output is a miss; under ret-token the "
+                   "response's image is ranked by the generated [RET]'s embedding",
+        "image_output": "precision / recall / F1 of showing an image against whether the "
+                        "ground-truth response holds one",
+        "consistency": {"cross_modal": "mean CLIP cosine of the top-1 image (CLIP-V) and top-1 "
+                                       "text (CLIP-T), where both are output and a CLIP pair exists",
+                        "attribute": "share of responses whose top-1 text names an object the "
+                                     "top-1 image shows (synthetic sets' labels)"},
+        "score": "cosine (dot product of L2-normalised embeddings)", "ranks": "1-based",
     }
 
 
 def _evaluate_chunk(part: list[MMDialogQuery], embedder: Embedder, table: _MediaTable,
-                    text_cache: _TextEmbeddingCache, totals: _Totals, *, with_text: bool,
-                    text_ranking: str, image_rule: str, image_threshold: float | None, ret_within: int,
+                    text_cache: _TextEmbeddingCache, totals: _Totals, rules: _Rules, *,
                     attribute_labels, mmdialog_dir, split: str, n_examples: int) -> None:
     """Embed, score and rank one chunk of queries; add what it leaves behind to ``totals``."""
     embeddings = table.embeddings
-    contexts = _contexts(part, table)
+    contexts, cut = _prompts(part, table, rules.builder, [rules.reserve(q) for q in part])
+    totals.contexts_cut += cut
     u = embedder.embed_queries(contexts).float().cpu()                            # [c, E]
     _check_dims(u, embeddings.embeds, "the image embeddings")
-    images = _Scored.compute(u, embeddings.embeds, _image_pools(part, table))
+    image_pools = _image_pools(part, table)
+    images = _Scored.compute(u, embeddings.embeds, image_pools)
     text_table, text_pools = _text_pools(part)
-    texts = None
-    if text_ranking == "likelihood":
-        texts, texts_sum = _likelihood_texts(embedder, contexts, text_table, text_pools)
-        totals.text_sum.append(texts_sum.ranks)
-    elif with_text:
+    texts = texts_mean = None
+    if rules.text_ranking == "likelihood":
+        read_as = [candidate_text(t, rules.builder.style) for t in text_table]
+        texts, texts_mean = _likelihood_texts(embedder, contexts, read_as, text_pools)
+        totals.text_mean.append(texts_mean.ranks)
+    elif rules.with_text:
         text_embeds = text_cache.table(text_table)                               # [N_chunk, E]
         _check_dims(u, text_embeds, "the text embeddings")
         texts = _Scored.compute(u, text_embeds, text_pools)
-    generated_ret = embedder.generates_ret(contexts, ret_within) if image_rule == "ret-token" else None
-    image_out = _image_outputs(images, image_rule, image_threshold, generated_ret)
+    generations = (embedder.generate_responses(contexts, rules.ret_max_tokens)
+                   if rules.image_rule == "ret-token" else None)
+    image_out = image_outputs(images.has_output(), images.top_score, rules.image_rule, rules.image_threshold,
+                              generations.ret if generations is not None else None)
+    # the response's image: FROMAGe retrieves it with the generated [RET]'s state
+    response = images if generations is None else _Scored.compute(
+        torch.where(generations.ret[:, None], generations.u.float(), u), embeddings.embeds, image_pools)
     totals.image.append(images.ranks)
     totals.image_out.append(image_out)
+    totals.has_image.append(image_pools.positive.any(1))
     totals.image_pool.append(images.pools.valid.sum(1))
     totals.gt_images += int(images.pools.positive.sum())
     totals.text_pool.append(text_pools.valid.sum(1))
     totals.gt_texts += int(text_pools.positive.sum())
     if texts is not None:
         totals.text.append(texts.ranks)
-        ranks, missed = _overall_ranks(texts, images, image_out)
+        ranks, missed = _overall_ranks(texts, response, image_out)
         totals.overall.append(ranks)
         totals.overall_missed.append(missed)
-        c_sum, c_n = _consistency(embedder, embeddings, images, image_out, text_table, texts)
+        if texts_mean is not None:
+            totals.overall_mean.append(_overall_ranks(texts_mean, response, image_out)[0])
+        c_sum, c_n = _consistency(embedder, embeddings, response, image_out, text_table, texts)
         totals.consistency = [totals.consistency[0] + c_sum, totals.consistency[1] + c_n]
         if attribute_labels is not None:
-            hits, n = _attribute_consistency(attribute_labels, embeddings, images, image_out, text_table, texts)
+            hits, n = _attribute_consistency(attribute_labels, embeddings, response, image_out, text_table, texts)
             totals.attribute = [totals.attribute[0] + hits, totals.attribute[1] + n]
     wanted = n_examples - len(totals.examples)
     if wanted > 0:
-        totals.examples += _mmdialog_examples(part, mmdialog_dir, split, table, images, texts,
-                                              text_table, image_out, wanted)
+        examples = _mmdialog_examples(part, mmdialog_dir, split, table, images, texts, text_table, image_out,
+                                      wanted)
+        response_ranks = response.ranks_per_query()
+        mean_ranks = texts_mean.ranks_per_query() if texts_mean is not None else None
+        for q, ex in enumerate(examples):
+            ex["gt_has_image"] = bool(image_pools.positive[q].any())
+            ex["top_image_score"] = float(images.top_score[q])
+            ex["response_image_ranks"] = response_ranks[q]
+            ex["prompt"] = _render_prompt(contexts[q])
+            if mean_ranks is not None:
+                ex["text_mean_ranks"] = mean_ranks[q]
+            if generations is not None:
+                ex["generated_text"] = generations.texts[q]
+        totals.examples += examples
+
+
+def _render_prompt(pieces: Sequence) -> str:
+    """The context as the LLM reads it, images as ``<image>``."""
+    return "".join(p if isinstance(p, str) else "<image>" for p in pieces)
 
 
 def _mmdialog_notes(with_text: bool, embeddings: ImageEmbeddings, consistency: float | None,

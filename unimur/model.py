@@ -188,6 +188,12 @@ class UniMuR(nn.Module):
     # ---------------------------------------------------------------- LLM side
 
     @property
+    def max_positions(self) -> int | None:
+        """Positions the LLM can attend (OPT-6.7B: 2048); None when its config does not say."""
+        n = getattr(self.llm.config, "max_position_embeddings", None)
+        return int(n) if n else None
+
+    @property
     def _llm_dtype(self) -> torch.dtype:
         return self.llm.get_input_embeddings().weight.dtype
 

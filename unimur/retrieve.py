@@ -13,8 +13,9 @@ says which file it uses). Text pool: --texts, one response per line or JSON Line
 
 The dialogue: --query TEXT and --query-image FILE_OR_POOL_ID, repeated, each one turn, in order;
 or --dialogue FILE in MMDialog's turn format (images allowed inside turns; see unimur/dialogue.py).
-The model reads it as the MMDialog evaluation does (every segment of every turn, then [RET]) and
-one unified embedding scores both pools. --image-rule / --image-threshold / --text-ranking are
+The model reads it as the MMDialog evaluation does (--prompt-style: FROMAGe's Q:/A: lines by
+default; a dialogue longer than the LLM's positions loses its oldest turns, and the answer says
+so) and one unified embedding scores both pools. --image-rule / --image-threshold / --text-ranking are
 the evaluation's output rules (evals/eval_mmdialog.py). Expected failures print one
 `error: ...` line and exit 1 (UNIMUR_TRACEBACK=1 shows the traceback).
 """
@@ -42,12 +43,12 @@ logger = logging.getLogger("unimur.retrieve")
 IMAGE_RULES = {
     "always": "an image with every response (UniMuR)",
     "threshold": "an image only when the top image's cosine exceeds --image-threshold",
-    "ret-token": "an image only when greedy decoding after the dialogue yields [RET] (FROMAGe; "
-                 "within 1 + --ret-within tokens)",
+    "ret-token": "an image only when greedy decoding after the dialogue (up to --ret-max-tokens, "
+                 "cut at the first newline) yields [RET], ranked by that [RET]'s embedding (FROMAGe)",
 }
 TEXT_RANKINGS = {
     "embedding": "cosine of the unified embedding with each text's retrieval-space embedding (UniMuR)",
-    "likelihood": "mean per-token log p(text | dialogue) under the frozen LLM (FROMAGe)",
+    "likelihood": "summed log p(text | dialogue) under the frozen LLM (FROMAGe's scoring)",
 }
 
 
@@ -77,8 +78,14 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--text-ranking", choices=tuple(TEXT_RANKINGS), default=None,
                    help="; ".join(f"{k}: {v}" for k, v in TEXT_RANKINGS.items())
                         + " (default: likelihood for a method=fromage model, else embedding)")
-    p.add_argument("--ret-within", type=int, default=0, metavar="N",
-                   help="ret-token: [RET] as the next token or within N further greedy tokens")
+    p.add_argument("--ret-max-tokens", type=int, default=32, metavar="N",
+                   help="ret-token: greedy tokens generated after the dialogue; default: %(default)s (FROMAGe's)")
+    p.add_argument("--prompt-style", choices=("dialogue", "flat"), default="dialogue",
+                   help="dialogue: each turn on its own line after Q: / A:, ending in 'A:' (FROMAGe's); "
+                        "flat: the turns' pieces run together; default: %(default)s")
+    p.add_argument("--max-context-tokens", type=int, default=None, metavar="N",
+                   help="positions the dialogue may take; longer ones lose their oldest turns; "
+                        "default: the LLM's maximum positions")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
     p.add_argument("--batch-size", type=int, default=64, help="pool embedding batch; default: %(default)s")
     p.add_argument("--cache-dir", default=None, help="--image-dir cache; default: $UNIMUR_CACHE/pools")
@@ -94,7 +101,7 @@ def add_dialogue_file_args(p: argparse.ArgumentParser) -> None:
 
 def rules_of(args: argparse.Namespace, method: str) -> tuple[str, str]:
     """(image rule, text ranking): the evaluation's defaults for the model's method."""
-    from unimur.mmdialog_eval import response_rules
+    from unimur.response_rules import response_rules
 
     return response_rules(method, args.image_rule, args.text_ranking, args.image_threshold)
 
@@ -118,7 +125,8 @@ class Session:
     image_root: str | None = None
     settings: dict = field(default_factory=dict)
     likelihood_texts: list[str] | None = None   # the text pool, ranked by LLM likelihood
-    ret_within: int = 0
+    ret_max_tokens: int = 32
+    prompt: Any = None                   # unimur.prompting.PromptBuilder: layout and fit
 
     @classmethod
     def open(cls, args: argparse.Namespace) -> "Session":
@@ -152,48 +160,70 @@ class Session:
         # likelihood ranking scores the texts per dialogue: they are not embedded up front
         retriever = Retriever.from_model(model, images, texts if ranking == "embedding" else None,
                                          batch_size=args.batch_size)
+        if args.ret_max_tokens < 1:
+            raise ValueError(f"--ret-max-tokens must be >= 1, got {args.ret_max_tokens}")
+        prompt = retriever.embedder.prompt_builder(args.prompt_style, args.max_context_tokens)
         return cls(retriever, str(args.model_dir), images_file or args.image_dir, args.texts, rule,
                    threshold, ranking, args.image_root or args.image_dir,
-                   likelihood_texts=texts if ranking == "likelihood" else None, ret_within=args.ret_within)
+                   likelihood_texts=texts if ranking == "likelihood" else None,
+                   ret_max_tokens=args.ret_max_tokens, prompt=prompt)
 
     @property
     def images(self):
         return self.retriever.images
 
-    def answer(self, pieces: Sequence, k: int = 3) -> dict[str, Any]:
-        """Top-``k`` images and texts for one context (pieces: text, PIL images, W_cap features)."""
+    def reserve(self) -> int:
+        """Positions the dialogue must leave free: [RET], the generated tokens (ret-token), the
+        longest candidate (likelihood)."""
+        room = 1 if self.image_rule != "ret-token" else self.ret_max_tokens + 1
+        if self.likelihood_texts is not None:
+            room = max(room, self.prompt.candidate_tokens(self.likelihood_texts))
+        return room
+
+    def answer(self, turns: Sequence[Sequence], k: int = 3) -> dict[str, Any]:
+        """Top-``k`` images and texts for one dialogue: its turns, each a list of pieces (text,
+        PIL images, W_cap features), laid out and fitted by the session's prompt builder."""
         from unimur.pools import image_file
 
         if k < 1:
             raise ValueError(f"-k must be >= 1, got {k}")
-        result = self.retriever.retrieve([list(pieces)], k=k)[0]
-        images = [{"rank": r, "id": i, "score": round(s, 4),
-                   "file": str(f) if (f := image_file(i, self.images, self.image_root)) else None}
-                  for r, (i, s) in enumerate(result.images, 1)]
+        fitted = self.prompt.build(turns, self.reserve())
+        pieces = fitted.pieces
+        result = self.retriever.retrieve([pieces], k=k)[0]
         ranked = result.texts if self.likelihood_texts is None else self._by_likelihood(pieces, k)
         texts = [{"rank": r, "text": t, "score": round(s, 4)} for r, (t, s) in enumerate(ranked, 1)]
-        output = None
-        if images:  # the evaluation's rules: threshold compares the top image's cosine, strictly
+        output, generated, top_images = None, None, result.images
+        if top_images:  # the evaluation's rules: threshold compares the top image's cosine, strictly
             if self.image_rule == "ret-token":
-                output = bool(self.retriever.embedder.generates_ret([list(pieces)], self.ret_within)[0])
+                gen = self.retriever.embedder.generate_responses([pieces], self.ret_max_tokens)
+                output, generated = bool(gen.ret[0]), gen.texts[0]
+                if output:  # FROMAGe retrieves with the generated [RET]'s state
+                    top_images = self.retriever.rank_images(gen.u[:1], k)[0]
             else:
-                output = self.image_rule == "always" or result.images[0][1] > self.image_threshold
-        return {"images": images, "texts": texts, "image_output": output,
+                output = self.image_rule == "always" or top_images[0][1] > self.image_threshold
+        images = [{"rank": r, "id": i, "score": round(s, 4),
+                   "file": str(f) if (f := image_file(i, self.images, self.image_root)) else None}
+                  for r, (i, s) in enumerate(top_images, 1)]
+        return {"images": images, "texts": texts, "image_output": output, "generated_text": generated,
+                "context_cut": {"cut": fitted.cut, "turns_dropped": fitted.turns_dropped},
                 "settings": {"model_dir": self.model_dir, "image_pool": self.image_source,
                              "image_pool_size": len(self.images) if self.images is not None else 0,
                              "text_pool": self.text_source,
                              "text_pool_size": len(self.retriever.texts or self.likelihood_texts or []),
                              "image_rule": self.image_rule, "image_threshold": self.image_threshold,
-                             "text_ranking": self.text_ranking, "k": k}}
-
+                             "text_ranking": self.text_ranking, "prompt_style": self.prompt.style,
+                             "max_context_tokens": self.prompt.max_tokens, "k": k}}
 
     def _by_likelihood(self, pieces: Sequence, k: int) -> list[tuple[str, float]]:
-        """Top-k texts by mean per-token log p(text | dialogue) (ties: pool order)."""
+        """Top-k texts by summed log p(text | dialogue), FROMAGe's scoring (ties: pool order)."""
         import torch
 
-        _, means = self.retriever.embedder.text_log_likelihoods(list(pieces), self.likelihood_texts)
-        order = torch.argsort(-means, stable=True)[:k].tolist()
-        return [(self.likelihood_texts[i], float(means[i])) for i in order]
+        from unimur.prompting import candidate_text
+
+        read_as = [candidate_text(t, self.prompt.style) for t in self.likelihood_texts]
+        sums, _ = self.retriever.embedder.text_log_likelihoods(list(pieces), read_as)
+        order = torch.argsort(-sums, stable=True)[:k].tolist()
+        return [(self.likelihood_texts[i], float(sums[i])) for i in order]
 
 
 def _image_pool(model, args: argparse.Namespace, images_file: str | None, sha: str):
@@ -218,8 +248,15 @@ def format_answer(answer: dict[str, Any], dialogue: Sequence[str]) -> str:
     lines = [f"dialogue ({len(dialogue)} turns):"]
     lines += [f"  {i:>2}  {turn}" for i, turn in enumerate(dialogue, 1)]
     rule = s["image_rule"] + (f" {s['image_threshold']}" if s["image_threshold"] is not None else "")
-    lines.append(f"model: {s['model_dir']}   image rule: {rule}   text ranking: {s['text_ranking']}")
+    lines.append(f"model: {s['model_dir']}   image rule: {rule}   text ranking: {s['text_ranking']}   "
+                 f"prompt: {s.get('prompt_style')}")
+    cut = answer.get("context_cut") or {}
+    if cut.get("cut"):
+        lines.append(f"note: the dialogue is longer than {s.get('max_context_tokens')} positions: its oldest "
+                     f"{cut['turns_dropped']} turn(s) were left out")
     if answer["images"]:
+        if answer.get("generated_text") is not None:
+            lines.append(f"generated after the dialogue: {answer['generated_text']!r}")
         lines.append(f"\ntop-{len(answer['images'])} images  (pool: {s['image_pool']}, "
                      f"{s['image_pool_size']} images)")
         if not answer["image_output"]:
@@ -268,7 +305,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    from unimur.dialogue import read_dialogue, render, select_turns, to_pieces
+    from unimur.dialogue import read_dialogue, render, select_turns, to_turn_pieces
 
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
@@ -280,7 +317,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         turns, base = args.turns, Path(".")
     turns = select_turns(turns, args.n_turns)
     session = Session.open(args)
-    answer = session.answer(to_pieces(turns, session.images, base), k=args.k)
+    answer = session.answer(to_turn_pieces(turns, session.images, base), k=args.k)
     answer["dialogue"] = render(turns)
     print(json.dumps(answer, indent=1) if args.json else format_answer(answer, answer["dialogue"]))
     return answer

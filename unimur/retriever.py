@@ -127,7 +127,7 @@ class ModelEmbedder:
 
                 u = unified_from_prefix(self.model, batch, self.memo)
             else:
-                u = self.model.encode_context(batch)
+                u = self.model.encode_context(batch, max_len=self.model.max_positions)
             for j, i in enumerate(idx):
                 out[i] = u[j]
         return torch.stack(out).float() if out else torch.empty(0, self.model.emb_dim)
@@ -141,13 +141,24 @@ class ModelEmbedder:
 
         return candidate_log_likelihoods(self.model, context, candidates, batch_size=self.batch_size)
 
-    def generates_ret(self, contexts: Sequence[Sequence[Piece]], within: int = 0) -> torch.Tensor:
-        """(B,) bool: greedy decoding after each context yields [RET] within 1 + `within` tokens."""
-        from .generative import generates_ret
+    def generate_responses(self, contexts: Sequence[Sequence[Piece]], max_tokens: int = 32):
+        """FROMAGe's image rule: greedy decoding after each context (`unimur.generative`):
+        a `Generations` (whether a [RET] was generated, its unified embedding, the text)."""
+        from .generative import Generations, generate_responses
 
-        parts = [generates_ret(self.model, contexts[s : s + self.batch_size], within)
-                 for s in self._bar(range(0, len(contexts), self.batch_size), "[RET] decisions")]
-        return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.bool)
+        parts = [generate_responses(self.model, contexts[s : s + self.batch_size], max_tokens)
+                 for s in self._bar(range(0, len(contexts), self.batch_size), "greedy responses")]
+        return Generations.cat(parts, self.model.emb_dim)
+
+    def prompt_builder(self, style: str, max_context_tokens: int | None = None):
+        """Lays out dialogues in ``style`` and fits them to the LLM's positions (or to
+        ``max_context_tokens``), counting with the model's tokenizer."""
+        from .prompting import PromptBuilder
+
+        tok = self.model.tokenizer
+        return PromptBuilder(style, max_context_tokens or self.model.max_positions,
+                             lambda s: len(tok(s, add_special_tokens=False)["input_ids"]),
+                             self.model.config.n_visual_tokens, len(self.model._bos_ids))
 
     @torch.no_grad()
     def embed_texts(self, texts: Sequence[str]) -> torch.Tensor:
@@ -254,13 +265,23 @@ class Retriever:
         """Top-``k`` images and texts for each context (a list of pieces: text, PIL images,
         W_cap input features), best first."""
         u = self.embedder.embed_queries(contexts)
+        return self._results(u, k)
+
+    def rank_images(self, u: torch.Tensor, k: int = 5) -> list[list[tuple[str, float]]]:
+        """Top-``k`` (image id, cosine) per row of ``u`` (B, E): e.g. a generated [RET]'s embedding."""
+        if self.images is None:
+            return [[] for _ in range(u.shape[0])]
+        scores, idx = topk_chunked(u.to(self.images.embeds.dtype), self.images.embeds.to(u.device), k)
+        return [[(self.images.ids[int(i)], float(s)) for s, i in zip(scores[q], idx[q])] for q in range(u.shape[0])]
+
+    def _results(self, u: torch.Tensor, k: int) -> list[RetrievalResult]:
         img = txt = None
         if self.images is not None:
             img = topk_chunked(u, self.images.embeds.to(u.device), k)
         if self.text_embeds is not None:
             txt = topk_chunked(u, self.text_embeds.to(u.device), k)
         results = []
-        for q in range(len(contexts)):
+        for q in range(u.shape[0]):
             images = [(self.images.ids[int(i)], float(s)) for s, i in zip(*[t[q] for t in img])] if img else []
             texts = [(self.texts[int(i)], float(s)) for s, i in zip(*[t[q] for t in txt])] if txt else []
             results.append(RetrievalResult(images, texts))

@@ -88,9 +88,10 @@ def unified_from_prefix(model: UniMuR, contexts: Sequence[Sequence[Piece]], memo
                         ) -> Tensor:
     """(B, E) unified embeddings of ``contexts``: the frozen LLM's pass over each context (from
     ``memo`` when another model already ran it), then the [RET] position over its cache."""
-    seqs = [model._context_embeddings(c, None, with_ret=False) for c in contexts]
+    limit = model.max_positions - 1 if model.max_positions else None  # room for [RET]
+    seqs = [model._context_embeddings(c, limit, with_ret=False) for c in contexts]
     if any(s.shape[0] == 0 for s in seqs):  # nothing to cache (no BOS, empty context)
-        return model.encode_context(contexts)
+        return model.encode_context(contexts, max_len=model.max_positions)
     body = model.llm.base_model
     key = _digest(llm_identity(model), seqs)
     entry = memo.prefixes.get(key)

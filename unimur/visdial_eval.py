@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from .eval_core import (EXAMPLE_TOP_K, N_EXAMPLES, _check_dims, _ranked, _split_counts, _timing)
+from .response_rules import RET_MAX_TOKENS
 from .retrieval import ranks_from_sim, recall_metrics
 from .retriever import Embedder
 from .visdial import CONTEXTS as VISDIAL_CONTEXTS
@@ -59,7 +60,7 @@ def _visdial_queries(dialogs: list, context: str, rounds: int, skipped: Counter
 def evaluate_visdial(embedder: Embedder, visdial_dir: str | Path, *, context: str = "rounds",
                      rounds: int = 10, split: str = "val", n_examples: int = N_EXAMPLES,
                      data: tuple[list, Counter] | None = None, image_rule: str = "always",
-                     ret_within: int = 0) -> dict[str, Any]:
+                     ret_max_tokens: int = RET_MAX_TOKENS) -> dict[str, Any]:
     """VisDial dialogue-to-image retrieval (and image-to-dialogue), SPEC section 4.
 
     The pool is the images of all evaluated dialogues; dialogue ``i``'s positive is image ``i``.
@@ -67,10 +68,11 @@ def evaluate_visdial(embedder: Embedder, visdial_dir: str | Path, *, context: st
     removed from both queries and pool and counted by reason. ``data`` is what
     ``load_visdial(visdial_dir, split)`` returned, when the caller read it already (the scripts
     check their data before loading the model). ``image_rule="ret-token"`` (FROMAGe's) outputs
-    an image only for dialogues after which greedy decoding yields [RET] (next token or within
-    ``ret_within`` more): ``image_retrieval_rate`` and ``dialogue_to_image_output`` (a dialogue
-    without an image output is a miss: never a hit, and rank pool size + 1 in the mean rank) are
-    then reported too.
+    an image only for dialogues after which greedy decoding of up to ``ret_max_tokens`` tokens
+    (cut at the first newline) yields [RET], retrieved with that [RET]'s hidden state:
+    ``image_retrieval_rate`` and ``dialogue_to_image_output`` (a dialogue without an image
+    output is a miss: never a hit, and rank pool size + 1 in the mean rank) are then reported
+    too; R@k itself forces [RET] after the dialogue, as both papers evaluate it.
 
     Returns the results dict described in the module docstring.
     """
@@ -104,10 +106,12 @@ def evaluate_visdial(embedder: Embedder, visdial_dir: str | Path, *, context: st
     i2d = ranks_from_sim(sim.T, positives)
     metrics = {"dialogue_to_image": recall_metrics(d2i), "image_to_dialogue": recall_metrics(i2d)}
     if image_rule == "ret-token":
-        shown = embedder.generates_ret(contexts, ret_within).bool()
+        generations = embedder.generate_responses(contexts, ret_max_tokens)
+        shown = generations.ret.bool()
+        d2i_gen = ranks_from_sim(torch.where(shown[:, None], generations.u.float(), u) @ v.T, positives)
         metrics["image_retrieval_rate"] = float(shown.float().mean())
         metrics["dialogue_to_image_output"] = recall_metrics(
-            torch.where(shown, d2i, torch.full_like(d2i, len(dialogs) + 1)), missed=~shown)
+            torch.where(shown, d2i_gen, torch.full_like(d2i_gen, len(dialogs) + 1)), missed=~shown)
 
     counts = _split_counts(skipped, {"skipped_dialogues": _VISDIAL_DIALOGUE_REASONS
                                      | {"duplicate_image_id", "empty_query", "unreadable_image"}},
@@ -121,7 +125,7 @@ def evaluate_visdial(embedder: Embedder, visdial_dir: str | Path, *, context: st
             "pool": "the images of all evaluated dialogues", "pool_size": len(dialogs),
             "score": "cosine (dot product of L2-normalised embeddings)",
             "ties": "lower pool index (file order) ranks first", "ranks": "1-based",
-            "image_rule": image_rule, "ret_within": ret_within,
+            "image_rule": image_rule, "ret_max_tokens": ret_max_tokens,
             "directions": {"dialogue_to_image": "intended direction (SPEC)",
                            "image_to_dialogue": "FROMAGe's released script's direction"},
         },
