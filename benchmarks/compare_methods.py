@@ -1,27 +1,32 @@
 """UniMuR vs FROMAGe (and UniMuR's ablations) under one protocol, over several seeds.
 
-    python benchmarks/compare_methods.py [--out compare_run] [--quick] [--seeds 0 1 2]
+    python benchmarks/compare_methods.py [--out compare_run] [--quick] [--seeds 0 1 2 3 4]
 
 On the demo's synthetic data and pretrained offline backbones (SmolLM2-135M, EfficientNet-Lite0,
 all-MiniLM-L6-v2; see ``unimur/demo.py``), with one feature cache for all runs, this:
 
-1. trains, per seed, UniMuR, FROMAGe (``--method fromage``) and UniMuR without TM (``--l-tm 0``)
-   and without VM (``--l-vm 0``) with ``main.py`` and the demo's recipe (``--variants``; "without
-   CL" is only meaningful where CL is on, and the demo's recipe runs with ``--l-cap 0``);
+1. trains, per seed, UniMuR and FROMAGe (``--method fromage``: CL + LMret + VM), and on the
+   first ``--ablation-seeds`` seeds UniMuR without TM (``--l-tm 0``) and without VM
+   (``--l-vm 0``) (``--variants``; ``no_cl`` adds UniMuR without CL), all with ``main.py``, the
+   demo's recipe plus the captioning pass (CL with FROMAGe's concatenated captions), and the
+   last step's weights (one selection rule for every method);
 2. evaluates each model on VisDial (dialogue->image; both methods force [RET], as both papers
-   do) and MMDialog with its own method's inference rules: UniMuR outputs both modalities and
-   ranks texts by its embedding; FROMAGe ranks texts by the frozen LLM's likelihood and outputs
-   an image only when it generates [RET]. UniMuR is also evaluated under FROMAGe's rules, which
-   separates the effect of the rules from that of the training;
+   do) and MMDialog, every context laid out as FROMAGe prompts a dialogue (``Q:``/``A:``
+   lines ending in ``\nA:``), each method answering its own way: UniMuR outputs both
+   modalities and ranks texts by its embedding; FROMAGe ranks texts by their summed
+   log-likelihood after ``A:`` and shows an image only when it generates [RET] within 32 greedy
+   tokens (cut at the first newline), retrieved with that [RET]'s state. UniMuR is also
+   evaluated with an image threshold chosen on a validation split, and under FROMAGe's rules;
 3. reports every metric as mean +- std over the seeds, and UniMuR - FROMAGe as a paired
-   difference with a 95% bootstrap interval over queries and seeds (``unimur.compare_stats``),
-   each claim of the paper's abstract marked holds / does not hold / within noise;
+   difference with a 95% interval over seeds and queries (``unimur.compare_stats``), each claim
+   of the paper's abstract marked holds / does not hold / within noise after Holm's correction;
 4. writes ``<out>/results/comparison.json`` and ``comparison.png`` (bars: mean, error bars: std).
 
 Every model of the comparison shares the frozen backbones, so their frozen passes (image
 features, the LLM over text-only contexts) are computed once (``unimur.shared_passes``).
 A finished run's results are kept under ``<out>/results/runs`` and reused when the command is
-run again with the same settings (an interrupted comparison resumes where it stopped).
+run again with the same code (a hash of ``unimur/`` and ``main.py``) and settings (an
+interrupted comparison resumes where it stopped); ``provenance`` in the JSON says which.
 """
 from __future__ import annotations
 
@@ -55,12 +60,13 @@ logger = logging.getLogger("compare_methods")
 # mean something: 300 VisDial dialogues (pool of 300 images) and 300 MMDialog dialogues (19
 # negatives per modality, a pool of 20; the demo's 49 would more than double the cost of
 # FROMAGe's likelihood ranking, which scores every candidate text with the LLM). Training:
-# 45 steps of 32 instead of the demo's 90, as 12 trainings must fit in the time budget.
+# 36 steps of 32 instead of the demo's 90, as 16 trainings with the captioning pass (a backward
+# through the whole LLM) must fit in the time budget.
 # Every variant trains with the captioning pass (l_cap=1, FROMAGe's concatenated captions with
 # probability 0.5, main.py's default), so that W_cap is trained and the images inside MMDialog
 # contexts mean something to the LLM: FROMAGe's generative rules read them.
 FULL = dataclasses.replace(demo.DEFAULT, n_visdial=300, n_mmdialog=300, n_negatives=19,
-                           epochs=3, steps_per_epoch=15, l_cap=1.0)
+                           epochs=3, steps_per_epoch=12, l_cap=1.0)
 QUICK = dataclasses.replace(demo.QUICK, n_visdial=40, n_mmdialog=40, n_negatives=19, l_cap=1.0)
 EVERY = 10**9  # keep one example per query: the per-query arrays come from them
 # The MMDialog validation split on which UniMuR's image threshold is chosen: other dialogues,
@@ -76,10 +82,11 @@ def _fingerprint(*parts: Any) -> str:
 
 
 def code_version() -> str:
-    """A hash of the code a result depends on: every .py file of the package and this script
-    (a commit would miss uncommitted edits)."""
+    """A hash of the code a result depends on: every .py file of the package and main.py (a
+    commit would miss uncommitted edits). This script's recipe and evaluation settings are keyed
+    by value (FULL/QUICK, EVAL_SETTINGS), so that a change to its reporting reuses the runs."""
     h = hashlib.sha256()
-    for path in sorted([*(REPO / "unimur").rglob("*.py"), Path(__file__).resolve(), REPO / "main.py"]):
+    for path in sorted([*(REPO / "unimur").rglob("*.py"), REPO / "main.py"]):
         h.update(str(path.relative_to(REPO)).encode())
         h.update(path.read_bytes())
     return h.hexdigest()[:16]
@@ -383,7 +390,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ablation-seeds", type=int, default=3, metavar="N",
                    help="train the ablations on the first N seeds only; default: %(default)s")
     p.add_argument("--data-seed", type=int, default=0, help="synthetic data seed; default: %(default)s")
-    p.add_argument("--variants", nargs="+", default=["unimur", "fromage", "no_tm", "no_vm", "no_cl"],
+    p.add_argument("--variants", nargs="+", default=["unimur", "fromage", "no_tm", "no_vm"],
                    choices=sorted(VARIANTS), help="default: %(default)s")
     p.add_argument("--rules-seeds", type=int, default=3, metavar="N",
                    help="evaluate UniMuR under FROMAGe's rules on the first N seeds only (default: all)")
