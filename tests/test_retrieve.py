@@ -227,3 +227,26 @@ def test_fromage_rules_likelihood_texts_and_ret_token(tiny_pool, capsys, monkeyp
     monkeypatch.setattr(UniMuR, "lm_logits", ret_always)
     forced = run_json(capsys, pool_args(tiny_pool, "--query", "look at my circle", "--image-rule", "ret-token"))
     assert forced["image_output"] is True
+
+
+def test_text_pool_and_dialogue_lines_split_on_newline_only(tmp_path):
+    """U+2028 / U+0085 inside a response are text, not line breaks (the evaluation reads them so)."""
+    from unimur.dialogue import parse_dialogue_json
+    from unimur.pools import read_texts
+
+    (tmp_path / "a.txt").write_text("one\u2028response\nnext\u0085one\r\nlast\n", encoding="utf-8")
+    assert read_texts(tmp_path / "a.txt") == ["one\u2028response", "next\u0085one", "last"]
+    (tmp_path / "b.jsonl").write_text('"x\u2028y"\n{"text": "z"}\n', encoding="utf-8")
+    assert read_texts(tmp_path / "b.jsonl") == ["x\u2028y", "z"]
+    lines = '{"conversation_id": 1, "conversation": [{"turn": [{"__TEXT__": "a\u2028b"}]}]}\n{"x": 1}\n'
+    assert parse_dialogue_json(lines, 1) == [[("text", "a\u2028b")]]
+
+
+def test_deeply_nested_dialogue_json_is_one_error_line(tiny_pool, tmp_path, capsys):
+    (tmp_path / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
+    (tmp_path / "deep.jsonl").write_text('{"a": 1}\n' + "[" * 100_000 + "]" * 100_000 + "\n{")
+    for name in ("deep.json", "deep.jsonl"):
+        argv = ["--model-dir", str(tiny_pool.model_dir), "--texts", str(tiny_pool.texts_file),
+                "--dialogue", str(tmp_path / name), "--device", "cpu"]
+        assert retrieve.run_cli(argv) == 1
+        assert "nested too deeply" in error_line(capsys.readouterr().err)

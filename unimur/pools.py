@@ -41,7 +41,9 @@ def read_texts(path: str | Path) -> list[str]:
         raise FileNotFoundError(f"text pool not found: {path}")
     jsonl = path.suffix.lower() in (".jsonl", ".ndjson")
     texts: dict[str, None] = {}
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    # read_text already turned \r\n and \r into \n; str.splitlines would also split at U+2028,
+    # U+0085, ... inside a response (the evaluation's line reader does not)
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").split("\n"), 1):
         if not line.strip():
             continue
         text = _json_text(line, path, lineno) if jsonl else line
