@@ -17,7 +17,7 @@ import logging
 import os
 from pathlib import Path
 
-from .embeddings import ImageEmbeddings, load_image_embeddings, save_image_embeddings
+from .embeddings import ImageEmbeddings, check_widths, finite_rows, load_image_embeddings, save_image_embeddings
 
 logger = logging.getLogger(__name__)
 
@@ -92,20 +92,21 @@ def find_model_embeddings(model_dir: str | Path) -> Path | None:
 
 
 def load_image_pool(path: str | Path, allow_pickle: bool = False, weights_sha256: str | None = None,
-                    emb_dim: int | None = None) -> ImageEmbeddings:
+                    emb_dim: int | None = None, *, widths: dict[str, int] | None = None,
+                    skip_nonfinite: bool = False) -> ImageEmbeddings:
     """An embedding file, checked against the model that will query it.
 
-    ``emb_dim``: the model's retrieval-space size (a mismatch means another model: an error).
+    ``widths``: each stored tensor's row width for the model (``embeddings.model_widths``;
+    ``emb_dim`` alone checks the retrieval space): a mismatch means another model, an error.
+    Rows holding NaN or inf are an error, or with ``skip_nonfinite`` left out and counted.
     ``weights_sha256``: the model's weights digest; a file recorded with other weights is used
     with a warning (its vectors are in that model's W_v space, or plain CLIP-V when target_proj=none).
     """
     emb = load_image_embeddings(path, allow_pickle=allow_pickle)
     if not len(emb):
         raise ValueError(f"embedding file {path} holds no image")
-    if emb_dim is not None and emb.embeds.shape[1] != emb_dim:
-        raise ValueError(f"embedding file {path} holds {emb.embeds.shape[1]}-d embeddings but the model "
-                         f"retrieves in {emb_dim}-d: it was computed with another model; re-run "
-                         f"unimur/extract_vis_emb.py with this --model-dir")
+    check_widths(emb, path, widths if widths is not None else ({"embeds": emb_dim} if emb_dim else {}))
+    emb = finite_rows(emb, path, skip_nonfinite)
     recorded = emb.meta.get("model_weights_sha256")
     if weights_sha256 and recorded and recorded != weights_sha256:
         logger.warning("%s was computed with other weights (sha256 %s..., this model %s...): scores "
