@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from unimur.data import IMAGE_LOADER_VERSION
 from unimur.embeddings import (ImageEmbeddings, load_image_embeddings, part_ids, save_fromage_pickle,
                                save_image_embeddings, save_image_embeddings_from_parts)
 from unimur.errors import run_cli
@@ -68,7 +69,7 @@ def _plan_key(model_dir: Path, ids: list[str], part_size: int) -> str:
     """Identifies the work: model weights + image list + part size. A changed plan restarts."""
     h = hashlib.sha256()
     h.update((model_dir / "manifest.json").read_bytes())
-    h.update(json.dumps([ids, part_size]).encode())
+    h.update(json.dumps([ids, part_size, IMAGE_LOADER_VERSION]).encode())  # parts of the old loader restart
     return h.hexdigest()
 
 

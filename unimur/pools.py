@@ -17,6 +17,7 @@ import logging
 import os
 from pathlib import Path
 
+from .data import IMAGE_LOADER_VERSION
 from .embeddings import ImageEmbeddings, check_widths, finite_rows, load_image_embeddings, save_image_embeddings
 
 logger = logging.getLogger(__name__)
@@ -140,7 +141,7 @@ def image_dir_pool(embedder, image_dir: str | Path, weights_sha256: str,
     ids, paths = list_image_dir(image_dir)
     root = Path(image_dir).resolve()
     listing = [(i, p.stat().st_size, p.stat().st_mtime_ns) for i, p in zip(ids, paths)]
-    key = hashlib.sha256(json.dumps([weights_sha256, str(root), listing]).encode()).hexdigest()[:24]
+    key = hashlib.sha256(json.dumps([weights_sha256, str(root), listing, IMAGE_LOADER_VERSION]).encode()).hexdigest()[:24]
     cached = Path(cache_dir or cache_root()) / f"{key}.safetensors"
     if cached.is_file():
         logger.info("image pool: %d images of %s, embeddings cached in %s", len(ids), root, cached)
