@@ -95,7 +95,10 @@ def convert(fromage_dir: str | Path, output: str | Path, ckpt_name: str = "pretr
     if "retrieval_token_idx" not in args:
         raise ValueError(f"{fromage_dir / 'model_args.json'}: no retrieval_token_idx (FROMAGe writes it)")
     ckpt = _load_state(fromage_dir / ckpt_name)
-    state = convert_state(ckpt, int(args["retrieval_token_idx"]))
+    try:
+        state = convert_state(ckpt, int(args["retrieval_token_idx"]))
+    except ValueError as e:  # name the file: the message alone does not say which one
+        raise ValueError(f"{fromage_dir / ckpt_name}: {e}") from None
     state = trainable_weights(state, config, str(fromage_dir / ckpt_name))
     tokenizer, ret_id = build_tokenizer(config.llm)
     out = save_pretrained(config, state, tokenizer, ret_id, output)
