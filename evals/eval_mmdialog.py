@@ -24,7 +24,7 @@ from typing import Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without PYTHONPATH
 
-from unimur.embeddings import load_image_embeddings  # noqa: E402
+from unimur.embeddings import check_widths, finite_rows, load_image_embeddings, model_widths  # noqa: E402
 from evals.common import (add_common_args, check_embeddings_model, check_model_dir, load_embedder,  # noqa: E402
                           model_info, report, require_path, run_cli)
 from unimur.evaluation import MMDIALOG_NEGATIVES, evaluate_mmdialog  # noqa: E402
@@ -51,6 +51,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         "(.safetensors; a .pkl needs --allow-pickle); default: embed the images now")
     p.add_argument("--allow-pickle", action="store_true",
                    help="allow reading a .pkl embedding file (unpickling runs code from the file)")
+    p.add_argument("--skip-nonfinite-embeddings", action="store_true",
+                   help="leave out (and count) --embeddings rows holding NaN or inf; default: refuse the file")
     p.add_argument("--allow-embeddings-mismatch", action="store_true",
                    help="evaluate with --embeddings extracted by another model (its weights "
                         "digest differs); recorded in the results")
@@ -109,6 +111,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         require_path(args.embeddings, "embedding file",
                      "write it with `python unimur/extract_vis_emb.py`, or omit --embeddings")
         embeddings = load_image_embeddings(args.embeddings, allow_pickle=args.allow_pickle)
+        embeddings = finite_rows(embeddings, args.embeddings, args.skip_nonfinite_embeddings)
         embeddings_check = check_embeddings_model(embeddings, args.embeddings, args.model_dir,
                                                   args.allow_embeddings_mismatch)
     image_rule, text_ranking = response_rules(read_model_config(args.model_dir).method, args.image_rule,
@@ -117,6 +120,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     labels = mmdialog_attribute_labels(labels_path) if labels_path else None
     embedder = load_embedder(args.model_dir, args.device, args.batch_size, args.num_workers,
                              progress=not args.no_progress)
+    if embeddings is not None:
+        check_widths(embeddings, args.embeddings, model_widths(embedder.model))
     results = evaluate_mmdialog(embedder, args.mmdialog_dir, split=args.split, target=args.target,
                                 embeddings=embeddings, image_threshold=args.image_threshold,
                                 n_negatives=args.n_negatives, data=data, image_rule=image_rule,

@@ -129,3 +129,28 @@ def test_page_opens_with_the_given_dialogue_answered(served, tiny_pool):
     _, ref_txt = reference(tiny_pool.model, [["look at this", feature], ["one more?"]], images, tiny_pool.texts, 2)
     assert [row[2] for row in frame.value["data"]] == [t for t, _ in ref_txt]
     assert ref_txt[0][0] in json.dumps(chat.value, default=str)
+
+
+def test_uploaded_photo_gets_the_command_lines_embedding(served, tiny_pool, tmp_path, capsys):
+    """EXIF orientation and alpha: the app reads the uploaded file with the project's loader,
+    so its answer equals `unimur.retrieve --query-image` on the same file."""
+    from PIL import Image
+    from test_data import _sideways_jpeg
+    from test_retrieve import run_json
+
+    _sideways_jpeg(tmp_path / "phone.jpg")
+    rgba = Image.new("RGBA", (48, 48), (0, 0, 0, 0))  # transparent pixels storing black ...
+    rgba.paste((0, 0, 255, 255), (12, 12, 36, 36))   # ... around an opaque blue square
+    rgba.save(tmp_path / "cutout.png")
+    _, _, url = served
+    for name in ("phone.jpg", "cutout.png"):
+        gradio_client, client = _client(url)  # a new page: a new dialogue
+        _, gallery, texts, *_ = client.predict("look", gradio_client.handle_file(str(tmp_path / name)), 3,
+                                               api_name="/send")
+        cli = run_json(capsys, ["--model-dir", str(tiny_pool.model_dir), "--images", str(tiny_pool.images),
+                                "--texts", str(tiny_pool.texts_file), "--query", "look",
+                                "--query-image", str(tmp_path / name), "-k", "3", "--json", "--device", "cpu"])
+        assert [g["caption"].split()[-1] for g in gallery] == [x["id"] for x in cli["images"]], name
+        assert [float(g["caption"].split()[1]) for g in gallery] == pytest.approx(
+            [x["score"] for x in cli["images"]], abs=2e-3), name
+        assert [row[2] for row in texts["data"]] == [x["text"] for x in cli["texts"]], name

@@ -178,3 +178,40 @@ def test_merge_of_parts_equals_one_shot_file(tmp_path, dtype):
     save_image_embeddings_from_parts(parts, tmp_path / "merged.safetensors", whole.meta)
     back = load_image_embeddings(tmp_path / "merged.safetensors")
     assert back.clip_embeds is None and torch.equal(back.embeds, whole.embeds)
+
+
+def test_prune_onto_a_run_folder_is_refused_and_keeps_the_runs_config(trained, tmp_path):
+    _, ckpt = trained
+    run = tmp_path / "exp_log" / "tiny"
+    run.mkdir(parents=True)
+    (run / "config.json").write_text('{"the": "run config"}')
+    (run / "ckpt_best.pth.tar").write_bytes(ckpt.read_bytes())
+    r = subprocess.run([sys.executable, "unimur/prune_model_ckpt.py", "--ckpt", str(run / "ckpt_best.pth.tar"),
+                        "--output", str(run)], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 1 and r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, r.stderr
+    assert "is a training run folder" in r.stderr
+    assert (run / "config.json").read_text() == '{"the": "run config"}'
+    assert sorted(p.name for p in run.iterdir()) == ["ckpt_best.pth.tar", "config.json"]
+    stranger = tmp_path / "stranger"
+    stranger.mkdir()
+    (stranger / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match="not a pruned UniMuR model folder"):
+        prune(ckpt, stranger)
+    out = prune(ckpt, tmp_path / "m")
+    assert prune(ckpt, out) == out  # an earlier pruned model is replaced, as before
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "manifest.json", "config.json", "tokenizer/vocab.json"])
+def test_extraction_onto_a_model_folder_file_is_refused(trained, images, tmp_path, name):
+    from unimur.extract_vis_emb import main as extract_main
+    from unimur.errors import run_cli
+
+    _, ckpt = trained
+    model_dir = prune(ckpt, tmp_path / "m")
+    before = {p: p.read_bytes() for p in model_dir.rglob("*") if p.is_file()}
+    with pytest.raises(ValueError, match="is the (model folder|tokenizer)"):
+        extract(model_dir, *list_images(image_dir=images), model_dir / name)
+    assert run_cli(extract_main, ["--model-dir", str(model_dir), "--image-dir", str(images),
+                                  "--output", str(model_dir / name), "--device", "cpu"]) == 1
+    assert {p: p.read_bytes() for p in model_dir.rglob("*") if p.is_file()} == before
+    UniMuR.from_pretrained(model_dir)  # still loads

@@ -43,3 +43,39 @@ def test_fromage_checkpoint_converts_to_identical_embeddings(tiny_backbones, tmp
         assert torch.allclose(loaded.encode_context(ctx), model.encode_context(ctx), atol=1e-6)
         f = model.encode_images(pix)
         assert torch.allclose(loaded.image_targets(f), model.image_targets(f), atol=1e-6)
+
+
+def test_bad_fromage_inputs_end_in_one_error_line_without_unsafe_advice(tmp_path):
+    import argparse
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    src = tmp_path / "fromage_model"
+    args = {"opt_version": "tiny-opt", "visual_encoder": "tiny-clip", "shared_emb_dim": 16,
+            "retrieval_token_idx": 5}
+
+    def run() -> str:
+        r = subprocess.run([sys.executable, "unimur/convert_fromage.py", "--fromage-dir", str(src),
+                            "--output", str(tmp_path / "out")], cwd=root, capture_output=True, text=True,
+                           env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+        assert r.returncode == 1 and r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, r.stderr
+        assert "weights_only=False" not in r.stderr and not (tmp_path / "out").exists()
+        return r.stderr
+
+    assert "model_args.json not found" in run()                       # no folder at all
+    src.mkdir()
+    (src / "model_args.json").write_text("{not json")
+    assert "not a JSON file" in run()
+    (src / "model_args.json").write_text(json.dumps({k: v for k, v in args.items() if k != "retrieval_token_idx"}))
+    assert "no retrieval_token_idx" in run()
+    (src / "model_args.json").write_text(json.dumps(args))
+    assert "pretrained_ckpt.pth.tar not found" in run()
+    torch.save({"state_dict": {"x": torch.zeros(1)}}, src / "pretrained_ckpt.pth.tar")
+    assert "missing" in run()                                           # keys of another model
+    torch.save({"state_dict": {}, "args": argparse.Namespace(lr=1)}, src / "pretrained_ckpt.pth.tar")
+    err = run()
+    assert "pickled Python objects (argparse.Namespace)" in err and "never loaded" in err
+    (src / "pretrained_ckpt.pth.tar").write_bytes(b"PK\x03\x04 truncated")
+    assert "not a readable torch checkpoint" in run()

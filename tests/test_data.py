@@ -321,3 +321,51 @@ def test_collator_stacks_cached_features(collator):
     assert batch["image_pooled"].shape == (3, 6) and batch["image_pooled"][2, 0] == 2
     assert batch["text_embed"].shape == (3, 4) and "pixels" not in batch
     assert batch["index"].tolist() == [0, 1, 2]
+
+
+def _sideways_jpeg(path: Path) -> Image.Image:
+    """A photo stored sideways with EXIF Orientation 6 (what phones write); returns it upright."""
+    upright = Image.new("RGB", (40, 64), "white")
+    upright.paste((255, 0, 0), (0, 0, 40, 16))  # red band at the top
+    stored = upright.transpose(Image.Transpose.ROTATE_90)  # as the sensor wrote it
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to view"
+    stored.save(path, "JPEG", quality=95, exif=exif)
+    return upright
+
+
+def test_exif_orientation_is_applied_by_the_one_loader(tmp_path):
+    from unimur.data import prepare_image
+
+    upright = _sideways_jpeg(tmp_path / "phone.jpg")
+    loaded = load_rgb_image(tmp_path / "phone.jpg")
+    assert loaded.size == upright.size == (40, 64)
+    top, bottom = np.asarray(loaded)[4, 20], np.asarray(loaded)[60, 20]
+    assert top[0] > 200 and top[1] < 60 and bottom.min() > 200  # red on top, as the photo was taken
+    with Image.open(tmp_path / "phone.jpg") as raw:  # a PIL image handed over directly: same rules
+        assert np.array_equal(np.asarray(prepare_image(raw)), np.asarray(loaded))
+    rgba = Image.new("RGBA", (16, 16), (0, 0, 0, 0))  # transparent pixels that store black
+    assert np.asarray(prepare_image(rgba)).min() == 255  # composited on white, as load_rgb_image does
+
+
+def test_pil_image_given_to_the_model_embeds_like_the_loaded_file(tmp_path):
+    from unimur.config import ModelConfig
+    from unimur.model import UniMuR
+
+    _sideways_jpeg(tmp_path / "phone.jpg")
+    torch.manual_seed(0)
+    model = UniMuR.build(ModelConfig(llm="tiny-opt", visual_model="tiny-clip")).eval()
+    with torch.no_grad(), Image.open(tmp_path / "phone.jpg") as raw:
+        a = model.encode_context([["look", raw]])
+        b = model.encode_context([["look", load_rgb_image(tmp_path / "phone.jpg")]])
+    assert torch.equal(a, b)
+
+
+def test_feature_cache_key_changes_with_the_image_loader(monkeypatch):
+    import unimur.feature_cache as fc
+
+    encoders = load_encoders("tiny-clip")
+    rows = [CaptionRow(index=0, caption="x", image_path="a.jpg")]
+    before = fc.cache_key(encoders, rows, "fp32", fingerprint="f")
+    monkeypatch.setattr(fc, "IMAGE_LOADER_VERSION", fc.IMAGE_LOADER_VERSION + 1)
+    assert fc.cache_key(encoders, rows, "fp32", fingerprint="f") != before

@@ -550,3 +550,32 @@ def test_scripts_fail_clearly_without_data(tmp_path, capsys):
     assert run_cli(eval_mmdialog.main, ["--mmdialog-dir", str(tmp_path / "MMDialog"),
                                         "--model-dir", str(tmp_path / "no_model")]) == 1
     assert "not a pruned UniMuR model folder" in capsys.readouterr().err
+
+
+def test_mmdialog_negatives_equal_to_the_answer_or_repeated_do_not_fill_the_pool(tmp_path):
+    # every negative equals the answer: after removing them the pool is the answer alone, a free hit
+    all_gt = {**dialogue(6, [T("show me red")], [T("here red"), M(KR)], neg_keys=(KR, KR)),
+              "negative_candidate_texts": ["here red", "here red"]}
+    # one wrong answer repeated: one distinct negative, not two
+    repeated = {**dialogue(7, [T("show me red")], [T("here red"), M(KR)], neg_keys=(KB, KB)),
+                "negative_candidate_texts": ["blue thing", "blue thing"]}
+    root = write_mmdialog(tmp_path / "MMDialog", [*MM_DIALOGUES, all_gt, repeated])
+    res = evaluate_mmdialog(mm_stub(), root, n_negatives=MM_NEG)
+    reference = evaluate_mmdialog(mm_stub(), write_mmdialog(tmp_path / "ref"), n_negatives=MM_NEG)
+    assert res["metrics"] == reference["metrics"]  # neither dialogue is scored
+    c = res["counts"]
+    assert c["skipped_queries"] == {"empty_target_turn": 1, "missing_target_image": 1,
+                                    "no_negative_images": 1, "too_few_negative_images": 1}
+    assert c["queries_evaluated"] == 3 and "distinct negatives" in res["settings"]["pool"]
+
+
+def test_mmdialog_duplicate_gt_elements_and_dialogues_are_scored_once_and_counted(tmp_path):
+    twice = dialogue(1, [T("show me red")], [T("here red"), T("here red"), M(KR), M(KR)], neg_keys=(KB, KMISS, KG))
+    root = write_mmdialog(tmp_path / "MMDialog", [twice, D_B, D_C, D_EMPTY, D_NO_TARGET, D_C])
+    res = evaluate_mmdialog(mm_stub(), root, n_negatives=MM_NEG)
+    reference = evaluate_mmdialog(mm_stub(), write_mmdialog(tmp_path / "ref"), n_negatives=MM_NEG)
+    assert res["metrics"] == reference["metrics"]
+    c = res["counts"]
+    assert c["skipped_dialogues"] == {"duplicate_dialogue": 1}
+    assert c["dropped_elements"]["duplicate_gt_text"] == 1 and c["dropped_elements"]["duplicate_gt_image"] == 1
+    assert c["queries_evaluated"] == 3 and c["gt_texts"] == 3 and c["gt_images"] == 3

@@ -172,3 +172,20 @@ def test_stream_holds_one_dialogue_at_a_time(tmp_path):
         seen = [(q.conversation_id, stream.n_dialogues) for q in stream]
         assert seen == [(i, i + 1) for i in range(5)]
         assert stream.first_query().conversation_id == 0 and stream.n_dialogues == 1
+
+
+def test_deeply_nested_json_is_counted_or_named_never_a_recursion_error(tmp_path):
+    deep = "[" * 100_000 + "]" * 100_000
+    write(tmp_path, [GOOD, deep], "jsonl")
+    queries, skipped = load_mmdialog(tmp_path)
+    assert [q.conversation_id for q in queries] == [1] and skipped == {"malformed_json_line": 1}
+    (tmp_path / "test" / "conversations.json").write_text(f"[{json.dumps(GOOD)}, {deep}]")
+    with pytest.raises(ValueError, match=r"conversations\.json.*nested too deeply"):
+        load_mmdialog(tmp_path)
+
+
+def test_line_separator_inside_a_json_lines_text_stays_in_its_line(tmp_path):
+    odd = dialogue(2, [T("a\u2028b")], [T("c\u2029d")])
+    write(tmp_path, [GOOD, json.dumps(odd, ensure_ascii=False)], "jsonl")
+    queries, skipped = load_mmdialog(tmp_path)
+    assert not skipped and queries[1].context == [("text", "a\u2028b")] and queries[1].gt_texts == ["c\u2029d"]

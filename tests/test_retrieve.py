@@ -238,3 +238,62 @@ def test_fromage_rules_likelihood_texts_and_ret_token(tiny_pool, capsys, monkeyp
     ref = reference(tiny_pool.model, [["look at my circle"]], load_image_embeddings(tiny_pool.images), [], 3)[0]
     assert [x["id"] for x in forced["images"]] == [i for i, _ in ref]
     assert forced["images"][0]["score"] == pytest.approx(ref[0][1], abs=1e-4)
+
+
+def test_text_pool_and_dialogue_lines_split_on_newline_only(tmp_path):
+    """U+2028 / U+0085 inside a response are text, not line breaks (the evaluation reads them so)."""
+    from unimur.dialogue import parse_dialogue_json
+    from unimur.pools import read_texts
+
+    (tmp_path / "a.txt").write_text("one\u2028response\nnext\u0085one\r\nlast\n", encoding="utf-8")
+    assert read_texts(tmp_path / "a.txt") == ["one\u2028response", "next\u0085one", "last"]
+    (tmp_path / "b.jsonl").write_text('"x\u2028y"\n{"text": "z"}\n', encoding="utf-8")
+    assert read_texts(tmp_path / "b.jsonl") == ["x\u2028y", "z"]
+    lines = '{"conversation_id": 1, "conversation": [{"turn": [{"__TEXT__": "a\u2028b"}]}]}\n{"x": 1}\n'
+    assert parse_dialogue_json(lines, 1) == [[("text", "a\u2028b")]]
+
+
+def test_deeply_nested_dialogue_json_is_one_error_line(tiny_pool, tmp_path, capsys):
+    (tmp_path / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
+    (tmp_path / "deep.jsonl").write_text('{"a": 1}\n' + "[" * 100_000 + "]" * 100_000 + "\n{")
+    for name in ("deep.json", "deep.jsonl"):
+        argv = ["--model-dir", str(tiny_pool.model_dir), "--texts", str(tiny_pool.texts_file),
+                "--dialogue", str(tmp_path / name), "--device", "cpu"]
+        assert retrieve.run_cli(argv) == 1
+        assert "nested too deeply" in error_line(capsys.readouterr().err)
+
+
+def test_embedding_file_whose_tensor_width_does_not_fit_the_model_is_one_error_line(tiny_pool, tmp_path, capsys):
+    from dataclasses import replace
+
+    from unimur.embeddings import save_image_embeddings
+    from unimur.retriever import Retriever
+
+    emb = load_image_embeddings(tiny_pool.images)
+    wide = replace(emb, cap_features=torch.cat([emb.cap_features, emb.cap_features], dim=1))
+    save_image_embeddings(wide, tmp_path / "wide.safetensors")
+    argv = ["--model-dir", str(tiny_pool.model_dir), "--images", str(tmp_path / "wide.safetensors"),
+            "--query-image", tiny_pool.ids[0], "--device", "cpu"]
+    assert retrieve.run_cli(argv) == 1
+    assert "cap_features has shape" in error_line(capsys.readouterr().err)
+    with pytest.raises(ValueError, match="cap_features has shape"):
+        Retriever.from_model(tiny_pool.model, wide, [])
+
+
+def test_nonfinite_embedding_rows_are_refused_or_left_out_and_counted(tiny_pool, tmp_path, capsys, caplog):
+    from unimur.embeddings import save_image_embeddings
+
+    emb = load_image_embeddings(tiny_pool.images)
+    emb.embeds[1] = float("nan")
+    emb.cap_features[2, 0] = float("inf")
+    save_image_embeddings(emb, tmp_path / "nan.safetensors")
+    argv = ["--model-dir", str(tiny_pool.model_dir), "--images", str(tmp_path / "nan.safetensors"),
+            "--query", "a red circle", "-k", "6", "--device", "cpu"]
+    assert retrieve.run_cli(argv) == 1
+    assert "2 of 6 rows hold NaN or inf" in error_line(capsys.readouterr().err)
+    with caplog.at_level(logging.WARNING):
+        answer = run_json(capsys, [*argv, "--skip-nonfinite-embeddings"])
+    assert "2 of 6 rows hold NaN or inf" in caplog.text and "left out" in caplog.text
+    kept = [i for n, i in enumerate(tiny_pool.ids) if n not in (1, 2)]
+    assert sorted(x["id"] for x in answer["images"]) == sorted(kept)
+    assert all(x["score"] == x["score"] for x in answer["images"])  # no NaN score

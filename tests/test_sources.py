@@ -216,3 +216,127 @@ def test_training_runs_with_the_same_skips_and_losses_as_the_tsv(layouts, tmp_pa
     assert [m.get("loss") for m in m1] == [m.get("loss") for m in m2]
     assert any(m.get("loss") is not None for m in m1)
     assert json.loads((tmp_path / "c1" / "cc3m_train.json").read_text())["parts"]["dtype"] == "fp16"
+
+
+# ---------------------------------------------------------------- hostile shards (issue 25)
+
+
+def _write_tar(path: Path, members, rng=None) -> None:
+    """A tar of (name, bytes) members in order; image bytes drawn when the data is None."""
+    rng = rng or np.random.default_rng(0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            data = _image_bytes("good", rng) if data is None else data
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_tar_member_climbing_out_of_image_out_is_skipped_and_nothing_outside_changes(tmp_path):
+    victim = tmp_path / "victim.jpg"
+    victim.write_bytes(b"precious")
+    work = tmp_path / "a" / "b" / "c"
+    _write_tar(work / "cc3m" / "train" / "00000.tar", [
+        ("k0.jpg", None), ("k0.txt", b"a good row"),
+        ("../../../../../../victim.jpg", None), ("../../../../../../victim.txt", b"evil"),
+        ("/abs/k1.jpg", None), ("/abs/k1.txt", b"absolute"),
+        ("k2\nx.jpg", None), ("k2\nx.txt", b"newline name"),
+        ("k3\u2028.jpg", None), ("k3\u2028.txt", b"line separator name"),
+    ])
+    before = _tree(tmp_path)
+    out = work / "out"
+    assert to_tsv_main(["--dataset-format", "wds", "--dataset-dir", str(work / "cc3m"), "--out-dir", str(out),
+                        "--splits", "train"]) == 0
+    after = _tree(tmp_path)
+    assert {k: v for k, v in after.items() if not k.startswith("a/b/c/out/")} == before  # nothing else touched
+    assert victim.read_bytes() == b"precious"
+    assert sorted(k for k in after if k.startswith("a/b/c/out/")) == [
+        "a/b/c/out/cc3m_train.tsv", "a/b/c/out/images/train/00000/k0.jpg"]
+    assert (out / "cc3m_train.tsv").read_text().splitlines() == ["caption\timage", "a good row\ttrain/00000/k0.jpg"]
+    data = read_split("wds", work / "cc3m", "unused", "train")
+    assert data.skipped == Counter(unsafe_name=4) and len(data.rows) == 1
+
+
+def test_extraction_refuses_a_symlinked_folder_pointing_outside(tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    _write_tar(tmp_path / "cc3m" / "train" / "00000.tar", [("k0.jpg", None), ("k0.txt", b"cap")])
+    (tmp_path / "out" / "images" / "train").mkdir(parents=True)
+    (tmp_path / "out" / "images" / "train" / "00000").symlink_to(outside)
+    assert to_tsv_main(["--dataset-format", "wds", "--dataset-dir", str(tmp_path / "cc3m"),
+                        "--out-dir", str(tmp_path / "out"), "--splits", "train"]) == 1
+    assert list(outside.iterdir()) == []
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["images"]  # no TSV, no temp file
+
+
+def test_same_named_shards_in_two_folders_extract_to_distinct_paths(tmp_path):
+    colours = {"a": (255, 0, 0), "b": (0, 0, 255)}
+    for folder, rgb in colours.items():
+        buf = io.BytesIO()
+        Image.new("RGB", (32, 32), rgb).save(buf, "PNG")
+        _write_tar(tmp_path / "train" / folder / "00000.tar",
+                   [("k0.png", buf.getvalue()), ("k0.txt", f"a {'red' if folder == 'a' else 'blue'} square".encode())])
+    out = tmp_path / "out"
+    assert to_tsv_main(["--dataset-format", "wds", "--dataset-dir", str(tmp_path / "{split}/{a,b}/00000.tar"),
+                        "--out-dir", str(out), "--splits", "train"]) == 0
+    lines = (out / "cc3m_train.tsv").read_text().splitlines()[1:]
+    assert lines == ["a red square\ttrain/a/00000/k0.png", "a blue square\ttrain/b/00000/k0.png"]
+    for line in lines:
+        caption, name = line.split("\t")
+        pixel = Image.open(out / "images" / name).getpixel((0, 0))
+        assert pixel == (colours["a"] if "red" in caption else colours["b"])
+
+
+def test_truncated_tar_shard_is_counted(tmp_path):
+    shard = tmp_path / "train" / "00000.tar"
+    _write_tar(shard, [m for i in range(6) for m in ((f"k{i}.jpg", None), (f"k{i}.txt", f"cap {i}".encode()))])
+    full = shard.read_bytes()
+    with tarfile.open(shard) as tf:
+        members = tf.getmembers()
+    cases = {  # cut inside sample 4's image bytes; cut exactly between samples 3 and 4
+        "mid-member": (members[8].offset_data + 10, Counter(truncated_sample=1, truncated_shard=1), 4),
+        "at a header": (members[8].offset, Counter(truncated_shard=1), 4),
+    }
+    for what, (cut, skips, n_rows) in cases.items():
+        shard.write_bytes(full[:cut])
+        data = read_split("wds", tmp_path, "unused", "train")
+        assert (data.skipped, len(data.rows)) == (skips, n_rows), what
+    shard.write_bytes(full)
+    assert read_split("wds", tmp_path, "unused", "train").skipped == Counter()
+
+
+def test_repeated_key_in_a_tar_skips_every_occurrence_and_counts_them(tmp_path):
+    _write_tar(tmp_path / "train" / "00000.tar", [
+        ("k0.jpg", None), ("k0.txt", b"first"), ("k1.jpg", None), ("k1.txt", b"fine"),
+        ("k0.jpg", None), ("k0.txt", b"second"),
+    ])
+    data = read_split("wds", tmp_path, "unused", "train")
+    assert data.skipped == Counter(duplicate_key=2)
+    assert [r.caption for r in data.rows] == ["fine"]
+
+
+def test_parquet_caption_column_of_numbers_fails_with_one_line(tmp_path, capsys):
+    root = tmp_path / "train"
+    root.mkdir()
+    pq.write_table(pa.table({"key": ["000000000"], "caption": [12345], "status": ["success"]}), root / "00000.parquet")
+    assert to_tsv_main(["--dataset-format", "img2dataset", "--dataset-dir", str(tmp_path),
+                        "--out-dir", str(tmp_path / "out"), "--splits", "train"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "column caption holds int64" in err and "\n" not in err
+
+
+def test_failed_conversion_leaves_no_temp_file(tmp_path):
+    (tmp_path / "train").mkdir()
+    (tmp_path / "train" / "00000.tar").write_bytes(b"\x01" * 1000)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "cc3m_train.tsv").write_text("caption\timage\nold\told.jpg\n")
+    assert to_tsv_main(["--dataset-format", "wds", "--dataset-dir", str(tmp_path), "--out-dir", str(out),
+                        "--splits", "train"]) == 1
+    assert sorted(p.name for p in out.iterdir()) == ["cc3m_train.tsv"]
+    assert (out / "cc3m_train.tsv").read_text() == "caption\timage\nold\told.jpg\n"

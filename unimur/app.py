@@ -76,13 +76,14 @@ def _thumbnail(session: Session, item: dict[str, Any]):
     """The pool image as a small PIL image, or a grey tile naming it when its file is not found."""
     from PIL import Image, ImageDraw
 
+    from unimur.data import UnusableImage, load_rgb_image
+
     if item["file"]:
         try:
-            with Image.open(item["file"]) as img:
-                img = img.convert("RGB")
-                img.thumbnail((256, 256))
-                return img
-        except OSError as e:
+            img = load_rgb_image(item["file"])  # upright and on white, as it was embedded
+            img.thumbnail((256, 256))
+            return img
+        except UnusableImage as e:
             logger.warning("cannot show %s: %s", item["file"], e)
     tile = Image.new("RGB", (256, 256), (200, 200, 200))
     ImageDraw.Draw(tile).text((8, 120), str(item["id"])[:40], fill=(0, 0, 0))
@@ -126,8 +127,11 @@ def build_app(session: Session, k: int = 3, initial_turns: list | None = None):
                 with gr.Row():
                     message = gr.Textbox(placeholder="type a turn, e.g. 'do you have a red star?'",
                                          show_label=False, scale=4, lines=2)
-                    image = gr.Image(type="filepath", label="attach an image", height=140, scale=1,
-                                     sources=["upload", "clipboard"])
+                    # image_mode=None: Gradio hands over the uploaded file itself, not its decoded
+                    # copy (EXIF-turned, alpha dropped); the project's loader reads it, as the
+                    # command line does, so the same photo gets the same embedding
+                    image = gr.Image(type="filepath", image_mode=None, label="attach an image", height=140,
+                                     scale=1, sources=["upload", "clipboard"])
                 with gr.Row():
                     k_slider = gr.Slider(1, MAX_K, value=k, step=1, label="top-k")
                     send_btn = gr.Button("Send turn", variant="primary")

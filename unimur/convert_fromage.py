@@ -25,12 +25,16 @@ if __package__ in (None, ""):  # `python unimur/convert_fromage.py`: import the 
 import argparse
 import json
 import logging
+import pickle
+import re
+import sys
 from pathlib import Path
 
 import torch
 
 from unimur.config import ModelConfig
-from unimur.pretrained import save_pretrained
+from unimur.errors import run_cli
+from unimur.pretrained import check_model_output, save_pretrained
 from unimur.prune_model_ckpt import trainable_weights
 from unimur.tokenizer import build_tokenizer
 
@@ -63,6 +67,10 @@ def convert_state(state: dict[str, torch.Tensor], ret_idx: int) -> dict[str, tor
     missing = [k for k in KEY_MAP if k not in state]
     if missing:
         raise ValueError(f"not a FROMAGe checkpoint: missing {missing}")
+    if "ret_input_embeddings.weight" not in state and "model.input_embeddings.weight" in state \
+            and not 0 <= ret_idx < state["model.input_embeddings.weight"].shape[0]:
+        raise ValueError(f"retrieval_token_idx {ret_idx} is outside the checkpoint's embedding table "
+                         f"({state['model.input_embeddings.weight'].shape[0]} rows)")
     out = {new: state[old].float() for old, new in KEY_MAP.items()}
     # FROMAGe's text_hidden_fcs.i (i >= 1: further --text-emb-layers) -> extra_unified_mappings.(i-1)
     i = 1
@@ -81,15 +89,58 @@ def convert_state(state: dict[str, torch.Tensor], ret_idx: int) -> dict[str, tor
 
 def convert(fromage_dir: str | Path, output: str | Path, ckpt_name: str = "pretrained_ckpt.pth.tar") -> Path:
     fromage_dir = Path(fromage_dir)
-    args = json.loads((fromage_dir / "model_args.json").read_text())
+    check_model_output(output)  # before anything is loaded (e.g. --output the FROMAGe folder itself)
+    args = _read_model_args(fromage_dir / "model_args.json")
     config = fromage_config(args)
-    ckpt = torch.load(fromage_dir / ckpt_name, map_location="cpu", weights_only=True)
-    state = convert_state(ckpt.get("state_dict", ckpt), int(args["retrieval_token_idx"]))
+    if "retrieval_token_idx" not in args:
+        raise ValueError(f"{fromage_dir / 'model_args.json'}: no retrieval_token_idx (FROMAGe writes it)")
+    ckpt = _load_state(fromage_dir / ckpt_name)
+    try:
+        state = convert_state(ckpt, int(args["retrieval_token_idx"]))
+    except ValueError as e:  # name the file: the message alone does not say which one
+        raise ValueError(f"{fromage_dir / ckpt_name}: {e}") from None
     state = trainable_weights(state, config, str(fromage_dir / ckpt_name))
     tokenizer, ret_id = build_tokenizer(config.llm)
     out = save_pretrained(config, state, tokenizer, ret_id, output)
     logger.info("converted FROMAGe model %s -> %s", fromage_dir, out)
     return out
+
+
+def _read_model_args(path: Path) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: --fromage-dir must hold FROMAGe's model_args.json "
+                                f"and pretrained_ckpt.pth.tar")
+    try:
+        args = json.loads(path.read_text())
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
+        raise ValueError(f"{path}: not a JSON file ({type(e).__name__})") from e
+    if not isinstance(args, dict):
+        raise ValueError(f"{path}: expected a JSON object of FROMAGe's model arguments")
+    return args
+
+
+def _load_state(path: Path) -> dict[str, torch.Tensor]:
+    """The checkpoint's state dict, read as tensors only: a file holding pickled objects is
+    refused (unpickling runs code from the file), with what to do, never with torch's advice to
+    load it with weights_only=False."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: --fromage-dir must hold FROMAGe's pretrained_ckpt.pth.tar "
+                                f"(or name the file with --ckpt-name)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        raise ValueError(f"{path} holds pickled Python objects{f' ({found.group(1)})' if found else ''}, not only "
+                         f"tensors; they are never loaded here (unpickling runs code from the file). Where you "
+                         f"trust the file, re-save only its state_dict as tensors: "
+                         f"torch.save({{'state_dict': ckpt['state_dict']}}, ...)") from None
+    except Exception as e:  # truncated zip, not a torch file, ...
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise ValueError(f"{path} is not a readable torch checkpoint ({type(e).__name__}: {first})") from None
+    state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path}: not a FROMAGe checkpoint (expected a state_dict of tensors)")
+    return state
 
 
 def main(argv=None) -> Path:
@@ -103,4 +154,4 @@ def main(argv=None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))  # expected failures: one `error: ...` line

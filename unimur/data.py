@@ -23,8 +23,12 @@ to RGB; anything with transparency (RGBA, LA, PA, palette or L/RGB with a ``tRNS
 composited on white, because CLIP-style pipelines and web pages show transparent pixels on a
 light background while a plain ``convert("RGB")`` exposes whatever colour the invisible pixels
 happen to store (often black); 16-bit and 32-bit grayscale is rescaled to 8 bits rather than
-clipped (a plain ``convert`` saturates 16-bit values to white). EXIF orientation is *not*
-applied, as in open_clip and FROMAGe, so features match theirs.
+clipped (a plain ``convert`` saturates 16-bit values to white). EXIF orientation is applied
+first (:func:`prepare_image`): phones store photos sideways with an Orientation tag, browsers and
+Gradio show them upright, and the same photo must get the same embedding through every door
+(training, ``extract_vis_emb.py``, ``unimur.retrieve``, the app, a PIL image handed to the model).
+open_clip and FROMAGe ignore the tag, so for such photos (only) features differ from theirs.
+:data:`IMAGE_LOADER_VERSION` names these rules; the feature caches' keys include it.
 
 Degenerate images, decided here: an image whose shorter side is below 8 px is skipped
 (``too_small``). In web crawls these are tracking pixels, spacers and "image removed"
@@ -57,7 +61,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from .distributed import get_world_size, is_initialized, is_main_process
@@ -76,7 +80,9 @@ __all__ = [
     "UnusableImage",
     "read_caption_tsv",
     "load_rgb_image",
+    "prepare_image",
     "to_rgb",
+    "IMAGE_LOADER_VERSION",
     "CaptionDataset",
     "CaptionCollator",
     "SkipCounter",
@@ -110,6 +116,10 @@ IMAGE_SKIP_REASONS = (
     "unsupported_mode",
     "preprocess_error",
 )
+
+# The image loading rules (load_rgb_image / prepare_image): part of every cache key of features
+# computed from image files. 2: EXIF orientation applied.
+IMAGE_LOADER_VERSION = 2
 
 # Per-sample tensors the collator stacks when present (pixels, or cached CLIP features).
 FEATURE_KEYS = ("pixels", "image_pooled", "image_embed", "text_embed")
@@ -333,7 +343,27 @@ def load_rgb_image(path: str | os.PathLike, checks: ImageChecks = ImageChecks())
             img.load()  # decode now, so a truncated file fails here and not inside preprocess
         except Exception as e:  # OSError("image file is truncated"), SyntaxError, ValueError, ...
             raise UnusableImage("corrupt_image", f"{type(e).__name__}: {e}") from e
-        return to_rgb(img)
+        return prepare_image(img)
+
+
+def prepare_image(img: Image.Image) -> Image.Image:
+    """A decoded image as the encoders see it, wherever it comes from: EXIF orientation
+    applied, then :func:`to_rgb` (alpha composited on white). Returns a new image."""
+    return to_rgb(_upright(img))
+
+
+_ORIENTATION = 0x0112  # EXIF tag 274
+
+
+def _upright(img: Image.Image) -> Image.Image:
+    """``img`` turned as its EXIF Orientation tag says (1 or absent: as stored)."""
+    try:
+        if img.getexif().get(_ORIENTATION, 1) in (1, None):
+            return img
+        return ImageOps.exif_transpose(img)
+    except Exception as e:  # a malformed EXIF block: the pixels are still usable as stored
+        logger.debug("EXIF orientation not applied (%s: %s)", type(e).__name__, e)
+        return img
 
 
 def _image_file(path: str | os.PathLike):

@@ -48,8 +48,11 @@ def parse_dialogue_json(text: str, conversation_id: int | str | None = None, sou
     try:  # one JSON value ...
         data = json.loads(text)
         items = data if isinstance(data, list) else [data]
-    except json.JSONDecodeError:  # ... or JSON Lines, one dialogue per line
-        items = [_json_line(line, n, source) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+    except json.JSONDecodeError:  # ... or JSON Lines, one dialogue per line; split on "\n" only, as
+        # the evaluation's reader does (str.splitlines also splits at U+2028 inside a string)
+        items = [_json_line(line, n, source) for n, line in enumerate(text.split("\n"), 1) if line.strip()]
+    except RecursionError as e:
+        raise ValueError(f"{source}: JSON nested too deeply to read (not MMDialog's turn format)") from e
     if items and all(isinstance(t, str) for t in items):
         turns = [[("text", t.strip())] for t in items if t.strip()]
         if not turns:
@@ -71,6 +74,8 @@ def _json_line(line: str, lineno: int, source: str) -> Any:
         return json.loads(line)
     except json.JSONDecodeError as e:
         raise ValueError(f"{source}:{lineno}: not JSON ({e.msg}); expected MMDialog's turn format") from e
+    except RecursionError as e:
+        raise ValueError(f"{source}:{lineno}: JSON nested too deeply to read (not MMDialog's turn format)") from e
 
 
 def _choose(items: list[Any], conversation_id: int | str | None, path: str) -> dict[str, Any]:

@@ -174,6 +174,50 @@ def load_image_embeddings(path: str | Path, allow_pickle: bool = False) -> Image
     return ImageEmbeddings(ids, meta=meta, **{n: tensors.get(n) for n in TENSORS})
 
 
+def model_widths(model) -> dict[str, int]:
+    """The row width each stored tensor must have for ``model`` (a UniMuR): the retrieval
+    space, W_cap's input, CLIP-V's joint space."""
+    return {"embeds": int(model.emb_dim), "cap_features": int(model.cap_mapping.in_features),
+            "clip_embeds": int(model.encoders.image_embed_dim)}
+
+
+def check_widths(emb: ImageEmbeddings, path: str | Path, widths: dict[str, int]) -> None:
+    """Every stored tensor is (N, width) for the model: a file of another model otherwise
+    loads fine and fails later inside a matmul (a pool image used in a dialogue)."""
+    for name in TENSORS:
+        t = getattr(emb, name)
+        if t is None or name not in widths:
+            continue
+        if t.ndim != 2 or t.shape[1] != widths[name]:
+            raise ValueError(f"embedding file {path}: {name} has shape {tuple(t.shape)} but the model needs "
+                             f"(N, {widths[name]}): it was computed with another model; re-run "
+                             f"unimur/extract_vis_emb.py with this --model-dir")
+
+
+def finite_rows(emb: ImageEmbeddings, path: str | Path, skip: bool = False) -> ImageEmbeddings:
+    """``emb`` if every stored value is finite. A NaN row scores NaN against every query and
+    its rank is then arbitrary, so such rows are refused (ValueError), or with ``skip`` left
+    out, counted in ``meta["nonfinite_rows_skipped"]`` and logged."""
+    bad = torch.zeros(len(emb), dtype=torch.bool)
+    for name in TENSORS:
+        t = getattr(emb, name)
+        if t is not None and t.numel():
+            bad |= ~torch.isfinite(t.float()).reshape(len(emb), -1).all(dim=1)
+    n_bad = int(bad.sum())
+    if not n_bad:
+        return emb
+    example = emb.ids[int(bad.nonzero()[0])]
+    if not skip:
+        raise ValueError(f"embedding file {path}: {n_bad} of {len(emb)} rows hold NaN or inf (e.g. {example!r}); "
+                         f"re-extract it, or pass --skip-nonfinite-embeddings to leave those rows out")
+    kept = emb.select([i for i, b in zip(emb.ids, bad.tolist()) if not b])
+    kept.meta["nonfinite_rows_skipped"] = n_bad
+    logger.warning("embedding file %s: %d of %d rows hold NaN or inf (e.g. %r); left out", path, n_bad, len(emb), example)
+    if not len(kept):
+        raise ValueError(f"embedding file {path}: every row holds NaN or inf")
+    return kept
+
+
 def save_fromage_pickle(emb: ImageEmbeddings, path: str | Path) -> None:
     """FROMAGe's `cc3m_embeddings.pkl` layout: {"paths": [str], "embeddings": (N, D) float32}."""
     payload = {"paths": list(emb.ids), "embeddings": emb.embeds.float().cpu().numpy()}

@@ -147,13 +147,13 @@ def write_results(results: Mapping[str, Any], path: str | Path) -> Path:
 def _thumbnail(path: str, size: int = 160):
     """An RGB array of the image at ``path``, or None if it cannot be read."""
     import numpy as np
-    from PIL import Image
+
+    from .data import load_rgb_image
 
     try:
-        with Image.open(path) as img:
-            img = img.convert("RGB")
-            img.thumbnail((size, size))
-            return np.asarray(img)
+        img = load_rgb_image(path)  # upright and on white, as the encoder saw it
+        img.thumbnail((size, size))
+        return np.asarray(img)
     except Exception:  # an example grid never fails because one file is odd
         return None
 

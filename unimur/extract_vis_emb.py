@@ -25,13 +25,17 @@ import hashlib
 import json
 import logging
 import shutil
+import sys
 from collections import Counter
 from pathlib import Path
 
 import torch
 
+from unimur.data import IMAGE_LOADER_VERSION
 from unimur.embeddings import (ImageEmbeddings, load_image_embeddings, part_ids, save_fromage_pickle,
                                save_image_embeddings, save_image_embeddings_from_parts)
+from unimur.errors import run_cli
+from unimur.pretrained import artifact_owning
 
 logger = logging.getLogger("unimur.extract_vis_emb")
 
@@ -65,7 +69,7 @@ def _plan_key(model_dir: Path, ids: list[str], part_size: int) -> str:
     """Identifies the work: model weights + image list + part size. A changed plan restarts."""
     h = hashlib.sha256()
     h.update((model_dir / "manifest.json").read_bytes())
-    h.update(json.dumps([ids, part_size]).encode())
+    h.update(json.dumps([ids, part_size, IMAGE_LOADER_VERSION]).encode())  # parts of the old loader restart
     return h.hexdigest()
 
 
@@ -79,6 +83,7 @@ def extract(model_dir: str | Path, ids: list[str], paths: list[Path], output: st
     from unimur.retriever import ModelEmbedder
 
     model_dir, output = Path(model_dir), Path(output)
+    check_output(output)
     parts_dir = output.with_name(output.name + ".parts")
     key = _plan_key(model_dir, ids, part_size)
     plan = parts_dir / "plan.json"
@@ -154,7 +159,17 @@ def _merge(parts_dir: Path, n_parts: int, model_dir: Path, output: Path, fmt: st
     return save_image_embeddings_from_parts(files, output, meta), skipped
 
 
+def check_output(output: str | Path) -> None:
+    """Refuse an output that is another artifact's file (``--output unimur_model/model.safetensors``
+    would replace the trained weights, and the folder would no longer load)."""
+    owner = artifact_owning(output)
+    if owner:
+        raise ValueError(f"--output {output} is {owner}: writing embeddings there would destroy it; give "
+                         f"another file name, e.g. {Path(output).parent / 'image_embeddings.safetensors'}")
+
+
 def convert_pickle(src: str | Path, output: str | Path, allow_pickle: bool) -> Path:
+    check_output(output)
     emb = load_image_embeddings(src, allow_pickle=allow_pickle)
     save_image_embeddings(emb, output)
     logger.info("converted %s -> %s (%d embeddings)", src, output, len(emb))
@@ -188,4 +203,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))  # expected failures: one `error: ...` line

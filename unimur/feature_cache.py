@@ -57,6 +57,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from .data import (
+    IMAGE_LOADER_VERSION,
     IMAGE_SKIP_REASONS,
     CaptionDataset,
     CaptionRow,
@@ -133,6 +134,7 @@ def _key_parts(encoders, rows: Sequence[CaptionRow], dtype: str | torch.dtype, c
         "encoder_identity": encoders.identity,
         "dtype": _dtype_name(dtype),
         "image_checks": repr(checks),
+        "image_loader": IMAGE_LOADER_VERSION,
         "skip_reasons": list(IMAGE_SKIP_REASONS),
         "num_rows": len(rows),
         "dataset": fingerprint if fingerprint is not None else "rows:" + dataset_fingerprint(rows),

@@ -90,9 +90,10 @@ def _iter_json_lines(path: Path, skipped: Counter) -> Iterator[Any]:
                 continue
             try:
                 yield json.loads(line)
-            except json.JSONDecodeError as e:
+            except (json.JSONDecodeError, RecursionError) as e:  # RecursionError: nested too deeply
                 skipped["malformed_json_line"] += 1
-                logger.warning("%s:%d: malformed JSON line skipped (%s)", path, lineno, e)
+                logger.warning("%s:%d: malformed JSON line skipped (%s)", path, lineno,
+                               "nested too deeply" if isinstance(e, RecursionError) else e)
 
 
 # Characters read at a time from a JSON array; an element longer than this doubles the read.
@@ -151,6 +152,8 @@ def _iter_json_array(path: Path) -> Iterator[Any]:
                 while True:
                     try:
                         value, end = decoder.raw_decode(text.buf, text.pos)
+                    except RecursionError as e:  # where such an element ends is unknown: damage
+                        raise bad("an element is nested too deeply to read") from e
                     except json.JSONDecodeError as e:
                         # an element cut by the window: read more (doubling, so a long element
                         # costs linear time) and decode again; at end of file it is damage
@@ -308,7 +311,9 @@ def _dialogue_queries(raw: Any, target: str, has_image: _ImageCheck, skipped: Co
         if not gt:
             skipped["empty_target_turn"] += 1
             continue
-        gt_keys = [v for kind, v in gt if kind == "image"]
+        # an element repeated in the target turn is one answer: scored twice it would weigh twice
+        gt_texts = _distinct([v for kind, v in gt if kind == "text"], "duplicate_gt_text", skipped)
+        gt_keys = _distinct([v for kind, v in gt if kind == "image"], "duplicate_gt_image", skipped)
         if not all(has_image(k) for k in gt_keys):
             skipped["missing_target_image"] += 1
             continue
@@ -317,10 +322,17 @@ def _dialogue_queries(raw: Any, target: str, has_image: _ImageCheck, skipped: Co
             skipped["empty_context"] += 1
             continue
         queries.append(MMDialogQuery(conversation_id, t, context,
-                                     gt_texts=[v for kind, v in gt if kind == "text"],
-                                     gt_media_keys=gt_keys, negative_texts=neg_texts,
+                                     gt_texts=gt_texts, gt_media_keys=gt_keys, negative_texts=neg_texts,
                                      negative_media_keys=neg_keys, context_turns=turn_of))
     return queries
+
+
+def _distinct(values: list[str], reason: str, skipped: Counter) -> list[str]:
+    """``values`` in order, each once; the repeats are counted under ``reason``."""
+    kept = list(dict.fromkeys(values))
+    if len(kept) < len(values):
+        skipped[reason] += len(values) - len(kept)
+    return kept
 
 
 class MMDialogStream:
@@ -349,9 +361,19 @@ class MMDialogStream:
         self.skipped.clear()  # the same Counter object: callers may hold it
         self.n_dialogues = self.n_queries = 0
         has_image = _ImageCheck(self.mmdialog_dir, self.split, self.check_images)
+        seen_ids: set[int] = set()  # one int per dialogue: small next to the dialogues themselves
         for raw in read_dialogues(self.path, self.skipped):
             self.n_dialogues += 1
-            for query in _dialogue_queries(raw, self.target, has_image, self.skipped):
+            queries = _dialogue_queries(raw, self.target, has_image, self.skipped)
+            if queries and queries[0].conversation_id in seen_ids:
+                # listed twice: scored twice it would weigh twice in every mean
+                self.skipped["duplicate_dialogue"] += 1
+                logger.warning("%s: conversation_id %d listed again; scored once", self.path,
+                               queries[0].conversation_id)
+                continue
+            if queries:
+                seen_ids.add(queries[0].conversation_id)
+            for query in queries:
                 self.n_queries += 1
                 yield query
 
@@ -392,10 +414,13 @@ def load_mmdialog(mmdialog_dir: str | Path, split: str = "test", target: str = "
     ``"every"`` one per turn after the first. ``check_images=False`` skips the file existence
     checks (faster on a slow file system, for callers that check later).
 
-    The Counter counts, by reason: ``too_few_turns``, ``malformed_dialogue`` (dialogues);
-    ``empty_target_turn``, ``missing_target_image``, ``empty_context`` (queries);
+    The Counter counts, by reason: ``too_few_turns``, ``malformed_dialogue``,
+    ``duplicate_dialogue`` (a ``conversation_id`` seen before: only its first listing is read)
+    (dialogues); ``empty_target_turn``, ``missing_target_image``, ``empty_context`` (queries);
     ``empty_text_element``, ``unknown_element``, ``missing_context_image``,
-    ``missing_negative_image``, ``empty_negative_text`` (dropped elements);
+    ``missing_negative_image``, ``empty_negative_text``, ``duplicate_gt_text``,
+    ``duplicate_gt_image`` (a ground-truth element repeated in the target turn: kept once)
+    (dropped elements);
     ``malformed_json_line`` (JSON Lines only). Context images that are missing are dropped
     from the context (counted once per query that would have used them), while a missing
     target image drops the query: without it the query has a positive that cannot be scored.

@@ -149,14 +149,20 @@ def _resolve_query(q: MMDialogQuery, has: Callable[[str], bool], given: bool, dr
     return replace(q, context=context, context_turns=turn_of, negative_media_keys=negatives)
 
 
-def _without_gt_duplicates(q: MMDialogQuery, dropped: Counter) -> MMDialogQuery:
-    """Negatives identical to a ground-truth element are not negatives: retrieving one is
-    retrieving the right answer, and as an exact tie it would otherwise count against it."""
+def _distinct_negatives(q: MMDialogQuery, dropped: Counter) -> MMDialogQuery:
+    """The pool as it is scored: negatives identical to a ground-truth element are not
+    negatives (retrieving one is retrieving the right answer, and as an exact tie it would
+    otherwise count against it), and a negative listed twice is one candidate (nine copies of
+    one wrong answer make a pool of two, not ten)."""
     gt_t, gt_m = set(q.gt_texts), set(q.gt_media_keys)
-    texts = [t for t in q.negative_texts if t not in gt_t]
-    keys = [k for k in q.negative_media_keys if k not in gt_m]
-    _add(dropped, "negative_text_equal_to_gt", len(q.negative_texts) - len(texts))
-    _add(dropped, "negative_image_equal_to_gt", len(q.negative_media_keys) - len(keys))
+    texts = list(dict.fromkeys(t for t in q.negative_texts if t not in gt_t))
+    keys = list(dict.fromkeys(k for k in q.negative_media_keys if k not in gt_m))
+    n_gt_t = sum(t in gt_t for t in q.negative_texts)
+    n_gt_m = sum(k in gt_m for k in q.negative_media_keys)
+    _add(dropped, "negative_text_equal_to_gt", n_gt_t)
+    _add(dropped, "negative_image_equal_to_gt", n_gt_m)
+    _add(dropped, "duplicate_negative_text", len(q.negative_texts) - n_gt_t - len(texts))
+    _add(dropped, "duplicate_negative_image", len(q.negative_media_keys) - n_gt_m - len(keys))
     return replace(q, negative_texts=texts, negative_media_keys=keys)
 
 
@@ -186,10 +192,9 @@ class ChunkedQueries:
     images are embedded now (``image_cache``). Queries that cannot be scored are counted in
     ``skipped`` by reason: ``unreadable_target_image``, ``empty_context_after_image_drop``, the
     pool-size reasons (:data:`POOL_REASONS`); dropped elements too (``context_image_*``,
-    ``negative_image_*``, ``negative_*_equal_to_gt``). The pool-size rule counts a query's
-    negatives that can be scored (non-empty texts, images with a file or an embedding), before
-    negatives equal to a ground-truth element are removed (those are correct answers, not a
-    smaller pool).
+    ``negative_image_*``, ``negative_*_equal_to_gt``, ``duplicate_negative_*``). The pool-size
+    rule counts the negatives that are actually scored: non-empty texts and images with a file
+    or an embedding, distinct, none equal to a ground-truth element.
     """
 
     def __init__(self, queries: Iterable[MMDialogQuery], chunk_size: int, *, embedder: Embedder,
@@ -238,11 +243,16 @@ class ChunkedQueries:
             if not resolved.context:
                 self.skipped["empty_context_after_image_drop"] += 1
                 continue
-            short = _short_pool(resolved, self.n_negatives, self.with_text)
+            # the pool-size rule judges the pool that is scored: distinct negatives, none equal
+            # to the answer (a pool of copies of the answer is a free hit)
+            dropped = Counter()
+            scored = _distinct_negatives(resolved, dropped)
+            short = _short_pool(scored, self.n_negatives, self.with_text)
             if short is not None:
                 self.skipped[short] += 1
                 continue
-            out.append(_without_gt_duplicates(resolved, self.skipped))
+            self.skipped.update(dropped)
+            out.append(scored)
         if missing_targets:
             raise ValueError(
                 f"{len(missing_targets)} ground-truth media keys of {len(batch)} queries are not in "

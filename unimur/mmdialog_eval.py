@@ -28,7 +28,7 @@ from .retriever import Embedder
 logger = logging.getLogger(__name__)
 
 # MMDialog reader reasons by what they remove.
-_MMDIALOG_DIALOGUE_REASONS = {"too_few_turns", "malformed_dialogue", "malformed_json_line"}
+_MMDIALOG_DIALOGUE_REASONS = {"too_few_turns", "malformed_dialogue", "malformed_json_line", "duplicate_dialogue"}
 _MMDIALOG_QUERY_REASONS = {"empty_target_turn", "missing_target_image", "empty_context"}
 # MMDialog's protocol: 999 negative texts and 999 negative images per dialogue (SPEC section 4).
 MMDIALOG_NEGATIVES = 999
@@ -359,10 +359,10 @@ def _settings(rules: _Rules, split: str, target: str, mmdialog_dir, embeddings: 
         "embeddings": "given" if embeddings is not None else "computed from the image files",
         "embeddings_meta": dict(embeddings.meta) if embeddings is not None else None,
         "n_negatives": n_negatives,
-        "pool": f"per query: its negatives, then its ground-truth elements; a query with "
+        "pool": f"per query: its distinct negatives, then its distinct ground-truth elements; "
+                f"negatives equal to a ground-truth element are removed, and a query left with "
                 f"fewer than {n_negatives} scorable negatives per modality is skipped "
-                f"(counted in skipped_queries); negatives equal to a ground-truth element "
-                f"are then removed",
+                f"(counted in skipped_queries)",
         "ties": "lower pool index ranks first, so ties count against the ground truth",
         "overall": "recall over all ground-truth elements of both modalities; an image "
                    "element of a response with no image output is a miss; under ret-token the "

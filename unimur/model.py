@@ -24,6 +24,7 @@ from torch import nn
 
 from .backbones import FrozenEncoders, ImageFeatures, freeze, load_encoders, load_llm
 from .config import ModelConfig
+from .data import prepare_image
 from .packing import concat_pairs
 from .tokenizer import build_tokenizer
 
@@ -425,7 +426,7 @@ class UniMuR(nn.Module):
         out = []
         for img in images:
             if isinstance(img, Image.Image):
-                pixels = self.encoders.preprocess(img.convert("RGB"))[None]
+                pixels = self.encoders.preprocess(prepare_image(img))[None]  # the loader's rules
                 out.append(self.cap_input(self.encode_images(pixels))[0])
             else:
                 out.append(img.to(self.device, self.cap_mapping.weight.dtype))

@@ -17,7 +17,8 @@ import logging
 import os
 from pathlib import Path
 
-from .embeddings import ImageEmbeddings, load_image_embeddings, save_image_embeddings
+from .data import IMAGE_LOADER_VERSION
+from .embeddings import ImageEmbeddings, check_widths, finite_rows, load_image_embeddings, save_image_embeddings
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +42,9 @@ def read_texts(path: str | Path) -> list[str]:
         raise FileNotFoundError(f"text pool not found: {path}")
     jsonl = path.suffix.lower() in (".jsonl", ".ndjson")
     texts: dict[str, None] = {}
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    # read_text already turned \r\n and \r into \n; str.splitlines would also split at U+2028,
+    # U+0085, ... inside a response (the evaluation's line reader does not)
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").split("\n"), 1):
         if not line.strip():
             continue
         text = _json_text(line, path, lineno) if jsonl else line
@@ -90,20 +93,21 @@ def find_model_embeddings(model_dir: str | Path) -> Path | None:
 
 
 def load_image_pool(path: str | Path, allow_pickle: bool = False, weights_sha256: str | None = None,
-                    emb_dim: int | None = None) -> ImageEmbeddings:
+                    emb_dim: int | None = None, *, widths: dict[str, int] | None = None,
+                    skip_nonfinite: bool = False) -> ImageEmbeddings:
     """An embedding file, checked against the model that will query it.
 
-    ``emb_dim``: the model's retrieval-space size (a mismatch means another model: an error).
+    ``widths``: each stored tensor's row width for the model (``embeddings.model_widths``;
+    ``emb_dim`` alone checks the retrieval space): a mismatch means another model, an error.
+    Rows holding NaN or inf are an error, or with ``skip_nonfinite`` left out and counted.
     ``weights_sha256``: the model's weights digest; a file recorded with other weights is used
     with a warning (its vectors are in that model's W_v space, or plain CLIP-V when target_proj=none).
     """
     emb = load_image_embeddings(path, allow_pickle=allow_pickle)
     if not len(emb):
         raise ValueError(f"embedding file {path} holds no image")
-    if emb_dim is not None and emb.embeds.shape[1] != emb_dim:
-        raise ValueError(f"embedding file {path} holds {emb.embeds.shape[1]}-d embeddings but the model "
-                         f"retrieves in {emb_dim}-d: it was computed with another model; re-run "
-                         f"unimur/extract_vis_emb.py with this --model-dir")
+    check_widths(emb, path, widths if widths is not None else ({"embeds": emb_dim} if emb_dim else {}))
+    emb = finite_rows(emb, path, skip_nonfinite)
     recorded = emb.meta.get("model_weights_sha256")
     if weights_sha256 and recorded and recorded != weights_sha256:
         logger.warning("%s was computed with other weights (sha256 %s..., this model %s...): scores "
@@ -137,7 +141,7 @@ def image_dir_pool(embedder, image_dir: str | Path, weights_sha256: str,
     ids, paths = list_image_dir(image_dir)
     root = Path(image_dir).resolve()
     listing = [(i, p.stat().st_size, p.stat().st_mtime_ns) for i, p in zip(ids, paths)]
-    key = hashlib.sha256(json.dumps([weights_sha256, str(root), listing]).encode()).hexdigest()[:24]
+    key = hashlib.sha256(json.dumps([weights_sha256, str(root), listing, IMAGE_LOADER_VERSION]).encode()).hexdigest()[:24]
     cached = Path(cache_dir or cache_root()) / f"{key}.safetensors"
     if cached.is_file():
         logger.info("image pool: %d images of %s, embeddings cached in %s", len(ids), root, cached)

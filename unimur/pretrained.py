@@ -34,10 +34,61 @@ FORMAT = "unimur-pruned-v1"
 WEIGHTS, CONFIG, MANIFEST, TOKENIZER = "model.safetensors", "config.json", "manifest.json", "tokenizer"
 
 
+# Files that say a folder belongs to another artifact: a training run (unimur.run_folder), a
+# released FROMAGe model (unimur.convert_fromage's input).
+RUN_MARKERS = ("run.lock", "ckpt*.pth.tar", "metrics.jsonl", "train.log", "command.txt")
+FROMAGE_MARKERS = ("model_args.json", "pretrained_ckpt.pth.tar")
+
+
+def check_model_output(out_dir: str | Path) -> None:
+    """Refuse to write a pruned model where it would replace another artifact's files: a run
+    folder's config.json, a FROMAGe folder, or a config.json / model.safetensors that is not a
+    pruned model's. An earlier pruned model in ``out_dir`` is replaced, as before."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"--output {out_dir} is a file: give a folder for the model")
+    if not out_dir.is_dir():
+        return
+    for kind, markers in (("a training run folder", RUN_MARKERS), ("a FROMAGe model folder", FROMAGE_MARKERS)):
+        found = next((m for pattern in markers for m in sorted(out_dir.glob(pattern))), None)
+        if found is not None:
+            raise ValueError(f"--output {out_dir} is {kind} (it holds {found.name}): the model's config.json "
+                             f"would replace the one there; write the model to a folder of its own")
+    parts = [n for n in (CONFIG, WEIGHTS, MANIFEST, TOKENIZER) if (out_dir / n).exists()]
+    if parts and not is_model_folder(out_dir):
+        raise ValueError(f"--output {out_dir} holds {parts[0]} but is not a pruned UniMuR model folder "
+                         f"(no {MANIFEST} of format {FORMAT}): refused, so as not to replace it")
+
+
+def is_model_folder(folder: str | Path) -> bool:
+    """Whether ``folder`` holds a pruned model's manifest (of this format)."""
+    try:
+        return json.loads((Path(folder) / MANIFEST).read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def artifact_owning(path: str | Path) -> str | None:
+    """What owns the file ``path`` (a part of a pruned model folder, a run folder's own file),
+    or None: a command writing its own output there would destroy that artifact."""
+    path = Path(os.path.abspath(path))
+    for folder in path.parents:
+        if folder.name == TOKENIZER and is_model_folder(folder.parent):
+            return f"the tokenizer of the model folder {folder.parent}"
+    if path.name in (CONFIG, WEIGHTS, MANIFEST) and is_model_folder(path.parent):
+        return f"the model folder {path.parent} ({path.name})"
+    run_files = [m for pattern in RUN_MARKERS for m in path.parent.glob(pattern)]
+    if run_files and (path.name == CONFIG or any(path.match(pattern) for pattern in RUN_MARKERS)):
+        return f"the run folder {path.parent} ({path.name})"
+    return None
+
+
 def save_pretrained(config: ModelConfig, state: dict[str, torch.Tensor], tokenizer, ret_id: int,
                     out_dir: str | Path) -> Path:
-    """Write the folder next to `out_dir`, then swap it into place (never half-written)."""
+    """Write the folder next to `out_dir`, then swap it into place (never half-written).
+    Refuses an `out_dir` that belongs to another artifact (:func:`check_model_output`)."""
     out_dir = Path(out_dir)
+    check_model_output(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
     try:

@@ -27,7 +27,7 @@ from unimur.checkpoint import load_checkpoint
 from unimur.config import Config, ModelConfig
 from unimur.errors import explain_backbone_errors, run_cli
 from unimur.model import UniMuR
-from unimur.pretrained import save_pretrained
+from unimur.pretrained import check_model_output, save_pretrained
 from unimur.tokenizer import build_tokenizer
 
 logger = logging.getLogger("unimur.prune_model_ckpt")
@@ -62,6 +62,7 @@ BACKBONE_FIXES = {"llm": "the checkpoint's config names it (model.llm): make it 
 
 
 def prune(ckpt_path: str | Path, output: str | Path) -> Path:
+    check_model_output(output)  # before anything is loaded: a run folder's config.json is not ours
     ckpt = load_checkpoint(ckpt_path)  # a FROMAGe or non-tensor file is refused here, in one line
     config = Config.from_dict(ckpt["config"])
     with explain_backbone_errors(config.model.llm, config.model.visual_model, BACKBONE_FIXES):

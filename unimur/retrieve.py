@@ -71,6 +71,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--texts", metavar="FILE", help="candidate responses: one per line, or .jsonl")
     p.add_argument("--allow-pickle", action="store_true",
                    help="allow reading a .pkl embedding file (unpickling runs code from the file)")
+    p.add_argument("--skip-nonfinite-embeddings", action="store_true",
+                   help="leave out (and count) image embedding rows holding NaN or inf; default: refuse the file")
     p.add_argument("--image-rule", choices=tuple(IMAGE_RULES), default=None,
                    help="when to output an image: " + "; ".join(f"{k}: {v}" for k, v in IMAGE_RULES.items())
                         + " (default: always, or threshold when --image-threshold is given)")
@@ -227,11 +229,13 @@ class Session:
 
 
 def _image_pool(model, args: argparse.Namespace, images_file: str | None, sha: str):
+    from unimur.embeddings import model_widths
     from unimur.pools import image_dir_pool, load_image_pool
     from unimur.retriever import ModelEmbedder
 
     if images_file:
-        return load_image_pool(images_file, args.allow_pickle, sha, model.emb_dim)
+        return load_image_pool(images_file, args.allow_pickle, sha, widths=model_widths(model),
+                               skip_nonfinite=args.skip_nonfinite_embeddings)
     if args.image_dir:
         embedder = ModelEmbedder(model, batch_size=args.batch_size, progress=True)
         return image_dir_pool(embedder, args.image_dir, sha, args.cache_dir)

@@ -258,7 +258,13 @@ class Retriever:
     def from_model(cls, model: UniMuR, images: ImageEmbeddings | None = None,
                    texts: Sequence[str] | None = None, batch_size: int = 64,
                    progress: bool = False) -> "Retriever":
-        """A retriever over ``images`` (an embedding file's contents) and ``texts`` for ``model``."""
+        """A retriever over ``images`` (an embedding file's contents) and ``texts`` for ``model``;
+        ValueError if the image file's tensors do not fit the model or hold NaN/inf rows."""
+        if images is not None:
+            from .embeddings import check_widths, finite_rows, model_widths
+
+            check_widths(images, "(image pool)", model_widths(model))
+            images = finite_rows(images, "(image pool)")
         return cls(ModelEmbedder(model, batch_size=batch_size, progress=progress), images, texts)
 
     def retrieve(self, contexts: Sequence[Sequence[Piece]], k: int = 5) -> list[RetrievalResult]:

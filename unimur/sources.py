@@ -23,6 +23,17 @@ img2dataset marked failed (status != success) or whose image is absent is ``miss
 an empty caption is ``empty_caption``; a caption that is not UTF-8 is ``bad_encoding``.
 Tabs and line breaks inside captions become spaces (a TSV cannot hold them).
 
+Shards come from outside, so their names are not trusted (:data:`READER_SKIP_REASONS`, counted
+and logged like the others): a member or key that is absolute, holds a ``..`` component or a
+control / line-separator character is ``unsafe_name`` (it would write outside ``--image-out``
+or split a TSV line); a key that occurs in two samples of one shard, or twice with one
+extension, is ``duplicate_key`` for every occurrence (which image goes with which caption is
+not known; webdataset itself raises); a shard cut short (no end-of-archive block) is counted
+once as ``truncated_shard``, and the sample whose bytes are cut as ``truncated_sample``
+(samples past the cut are lost: with img2dataset's parquet beside the tar they are counted as
+``missing_image``). Image names are made unique per shard *path* (``a/00000.tar`` and
+``b/00000.tar`` give ``a/00000/...`` and ``b/00000/...``).
+
 Tar shards are read with the standard ``tarfile`` module, not the ``webdataset`` library: one
 sequential pass over each shard's headers records every image member's byte offset, and a
 sample is later read with one ``seek`` + ``read`` (:func:`tar_member_ref`), so the dataset
@@ -42,6 +53,7 @@ import logging
 import os
 import re
 import tarfile
+import unicodedata
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,7 +71,9 @@ DATASET_FORMATS = ("tsv", "img2dataset", "wds")
 SPLIT_DIRS = {"train": ("train", "training"), "val": ("val", "validation")}
 FROMAGE_IMAGE_DIRS = {"train": "cc3m/training", "val": "cc3m/validation"}
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-SOURCE_VERSION = 1
+SOURCE_VERSION = 2  # 2: shard-path-unique names, unsafe / duplicate / truncated members skipped
+# Reasons the shard readers skip a row for, before the TSV reader's checks (see module docstring).
+READER_SKIP_REASONS = ("unsafe_name", "duplicate_key", "truncated_sample", "truncated_shard")
 
 
 @dataclass
@@ -77,11 +91,13 @@ class SplitData:
 class Entry:
     """One source row before the checks. caption: str, or the raw bytes when not UTF-8.
     name: image name relative to the split's root (what the TSV converter writes).
-    ref: what :func:`unimur.data.load_rgb_image` opens, None when the image is absent."""
+    ref: what :func:`unimur.data.load_rgb_image` opens, None when the image is absent.
+    skip: why the shard reader refuses the row (``unsafe_name``, ...), None otherwise."""
 
     caption: str | bytes
     name: str
     ref: str | None
+    skip: str | None = None  # a READER_SKIP_REASONS entry: the row is counted, never used
 
 
 # ----------------------------------------------------------------------------- reading
@@ -151,7 +167,9 @@ def _rows_of(entries: Iterable[Entry], root: Path) -> tuple[RowTable, Counter]:
 
 
 def entry_skip_reason(entry: Entry) -> str | None:
-    """The TSV reader's reason for this entry, checked in its order (None: a valid row)."""
+    """The shard reader's reason, else the TSV reader's, checked in its order (None: a valid row)."""
+    if entry.skip:
+        return entry.skip
     if isinstance(entry.caption, bytes):
         return "bad_encoding"
     if not entry.caption:
@@ -164,6 +182,22 @@ def entry_skip_reason(entry: Entry) -> str | None:
 def clean_caption(text: str | None) -> str:
     """Tabs and line breaks to spaces, surrounding whitespace stripped (a TSV field)."""
     return (text or "").replace("\t", " ").replace("\r", " ").replace("\n", " ").strip()
+
+
+def unsafe_name(name: str) -> str | None:
+    """Why a member name / key from a shard cannot become a path under the output folder
+    (None: it can). Checked before anything is written: an absolute path or a ``..``
+    component would leave the folder; a control or line-separator character would split the
+    TSV line (and readers that split on U+2028)."""
+    if not name:
+        return "empty name"
+    if name.startswith(("/", "\\")) or re.match(r"[A-Za-z]:", name):
+        return "absolute path"
+    if ".." in re.split(r"[/\\]", name):
+        return "'..' component"
+    if any(unicodedata.category(c) in ("Cc", "Zl", "Zp") for c in name):
+        return "control character"
+    return None
 
 
 # ---------------------------------------------------------------------------- img2dataset
@@ -196,9 +230,14 @@ def _read_parquet(path: Path) -> tuple[list, list, list]:
     missing = [c for c in ("key", "caption") if c not in table.column_names]
     if missing:
         raise ValueError(f"{path}: column(s) {missing} missing (img2dataset writes key, caption, status)")
+    import pyarrow as pa
+
+    caption_type = table.schema.field("caption").type
+    if not (pa.types.is_string(caption_type) or pa.types.is_large_string(caption_type) or pa.types.is_null(caption_type)):
+        raise ValueError(f"{path}: column caption holds {caption_type}, expected strings (img2dataset writes text captions)")
     n = table.num_rows
     status = table.column("status").to_pylist() if "status" in table.column_names else ["success"] * n
-    return table.column("key").to_pylist(), table.column("caption").to_pylist(), status
+    return [str(k) for k in table.column("key").to_pylist()], table.column("caption").to_pylist(), status
 
 
 def _img2dataset_entries(root: Path, parquets: list[Path]) -> Iterator[Entry]:
@@ -207,7 +246,10 @@ def _img2dataset_entries(root: Path, parquets: list[Path]) -> Iterator[Entry]:
         folder = root / shard
         names = set(os.listdir(folder)) if folder.is_dir() else set()  # one listing per shard
         for key, caption, status in zip(*_read_parquet(parquet)):
-            key = str(key)
+            if unsafe_name(key):
+                logger.warning("%s: key %r skipped (%s)", parquet, key, unsafe_name(key))
+                yield Entry(clean_caption(caption), f"{shard}/", None, skip="unsafe_name")
+                continue
             image = next((f"{key}.{e}" for e in IMAGE_EXTS if f"{key}.{e}" in names), None)
             ok = status == "success" and image is not None
             yield Entry(clean_caption(caption), f"{shard}/{image or key + '.jpg'}", str(folder / image) if ok else None)
@@ -263,23 +305,82 @@ def _split_key(name: str) -> tuple[str, str]:
     return (f"{folder}/{stem}" if folder else stem), ext.lower()
 
 
-def _scan_tar(tar: Path) -> dict[str, dict]:
-    """key -> {"image": (offset, size, ext), "txt": bytes}, keys in order of first appearance."""
-    samples: dict[str, dict] = {}
+@dataclass
+class _Sample:
+    image: tuple | None = None  # (offset, size, ext)
+    txt: bytes | None = None
+    groups: int = 0  # runs of consecutive members with this key (webdataset's samples)
+    skip: str | None = None
+
+
+def _scan_tar(tar: Path) -> tuple[dict[str, _Sample], bool]:
+    """(key -> sample, keys in order of first appearance; whether the shard is cut short).
+
+    Members are grouped as webdataset groups them (consecutive members sharing a key). A
+    member whose bytes run past the end of the file, or a missing end-of-archive block, means
+    the shard was cut: what was read before the cut is kept, the cut sample is skipped."""
+    samples: dict[str, _Sample] = {}
+    size = tar.stat().st_size
+    truncated, last_key, seen = False, None, 0
     try:
         with tarfile.open(tar, "r:") as tf:
-            for member in tf:
+            members = iter(tf)
+            while True:
+                try:
+                    member = next(members)
+                except StopIteration:
+                    truncated = not _ends_with_zero_block(tar, tf.offset, size)
+                    break
+                except tarfile.ReadError:  # "unexpected end of data": the previous member is cut
+                    if not seen:
+                        raise
+                    truncated = True
+                    break
+                seen += 1
                 if not member.isfile():
                     continue
                 key, ext = _split_key(member.name)
-                sample = samples.setdefault(key, {})
-                if ext in IMAGE_EXTS and "image" not in sample:
-                    sample["image"] = (member.offset_data, member.size, ext)
+                sample = samples.setdefault(key, _Sample())
+                if key != last_key:
+                    sample.groups += 1
+                last_key = key
+                why = unsafe_name(member.name)
+                if why:
+                    if sample.skip != "unsafe_name":
+                        logger.warning("%s: member %r skipped (%s)", tar, member.name, why)
+                    sample.skip = "unsafe_name"
+                    continue
+                if member.offset_data + member.size > size:
+                    sample.skip, truncated = "truncated_sample", True
+                    break
+                if ext in IMAGE_EXTS:
+                    if sample.image is not None or sample.groups > 1:
+                        sample.skip = sample.skip or "duplicate_key"
+                    sample.image = (member.offset_data, member.size, ext)
                 elif ext == "txt":
-                    sample["txt"] = tf.extractfile(member).read()
+                    if sample.txt is not None or sample.groups > 1:
+                        sample.skip = sample.skip or "duplicate_key"
+                    sample.txt = tf.extractfile(member).read()
+                elif sample.groups > 1:
+                    sample.skip = sample.skip or "duplicate_key"
     except (tarfile.TarError, OSError) as e:
         raise ValueError(f"{tar}: unreadable tar shard ({type(e).__name__}: {e})") from e
-    return samples
+    if truncated:
+        logger.warning("%s: truncated (the file ends before the tar's end-of-archive block); "
+                       "samples past the cut are lost", tar)
+    dups = sum(s.groups for s in samples.values() if s.skip == "duplicate_key")
+    if dups:
+        logger.warning("%s: %d samples share a key with another sample; skipped", tar, dups)
+    return samples, truncated
+
+
+def _ends_with_zero_block(tar: Path, offset: int, size: int) -> bool:
+    """Whether a 512-byte zero block (end of archive) sits where the member headers stopped."""
+    if offset + tarfile.BLOCKSIZE > size:
+        return False
+    with open(tar, "rb") as f:
+        f.seek(offset)
+        return f.read(tarfile.BLOCKSIZE) == tarfile.NUL * tarfile.BLOCKSIZE
 
 
 def _decode(raw: bytes | None) -> str | bytes:
@@ -292,19 +393,29 @@ def _decode(raw: bytes | None) -> str | bytes:
 
 
 def _wds_entries(tars: list[Path]) -> Iterator[Entry]:
+    root = Path(os.path.commonpath([t.parent for t in tars]))
     for tar in tars:
-        samples = _scan_tar(tar)
-        shard = tar.stem
+        samples, truncated = _scan_tar(tar)
+        # unique per shard path: a/00000.tar and b/00000.tar must not extract to one folder
+        shard = tar.relative_to(root).with_suffix("").as_posix()
         parquet = tar.with_suffix(".parquet")
         if parquet.is_file():  # img2dataset's index: failed rows are listed there, absent from the tar
             rows = [(str(k), clean_caption(c), s == "success") for k, c, s in zip(*_read_parquet(parquet))]
         else:
-            rows = [(k, _decode(s.get("txt")), True) for k, s in samples.items()]
+            rows = [(k, _decode(s.txt), True) for k, s in samples.items()
+                    for _ in range(max(s.groups, 1) if s.skip == "duplicate_key" else 1)]
         for key, caption, ok in rows:
-            image = samples.get(key, {}).get("image") if ok else None
+            sample = samples.get(key)
+            skip = sample.skip if sample is not None else ("unsafe_name" if unsafe_name(key) else None)
+            if skip:
+                yield Entry(caption, f"{shard}/", None, skip=skip)
+                continue
+            image = sample.image if ok and sample is not None else None
             ext = image[2] if image else "jpg"
             ref = tar_member_ref(tar, image[0], image[1]) if image else None
             yield Entry(caption, f"{shard}/{key}.{ext}", ref)
+        if truncated:
+            yield Entry("", f"{shard}/", None, skip="truncated_shard")
 
 
 # ----------------------------------------------------------------------------- fingerprint

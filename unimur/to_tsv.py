@@ -10,8 +10,14 @@ marked failed keeps its would-be image name (the file is absent: ``missing_image
 caption stays empty (``empty_caption``), a non-UTF-8 caption keeps its bytes (``bad_encoding``).
 Image names are relative to the image dir to train with: for ``img2dataset`` the dataset dir
 itself (``train/00000/000000000.jpg``; nothing is copied); for ``wds`` the images are
-extracted under ``--image-out`` (default ``<out-dir>/images``). The image dir to pass to
-``main.py --image-dir`` is printed.
+extracted under ``--image-out`` (default ``<out-dir>/images``), at paths unique per shard path.
+The image dir to pass to ``main.py --image-dir`` is printed.
+
+Shards are not trusted: a row the shard reader refuses (a member name that is absolute, holds
+``..`` or a control character; a repeated key; a truncated shard: ``unimur.sources``) is
+counted and logged, and neither written to the TSV nor extracted, and every extracted path is
+checked to resolve inside ``--image-out`` before it is written. A failed run removes its
+temporary TSV; the previous TSV, if any, is left as it was.
 """
 from __future__ import annotations
 
@@ -19,9 +25,10 @@ import argparse
 import logging
 import os
 import sys
+from collections import Counter
 from pathlib import Path
 
-from .data import TSV_HEADER, _image_file
+from .data import TSV_HEADER, _format_counts, _image_file
 from .sources import SPLIT_DIRS, split_entries
 
 logger = logging.getLogger(__name__)
@@ -35,23 +42,40 @@ def write_split_tsv(fmt: str, dataset_dir: str | os.PathLike, split: str, tsv_pa
     image_dir = root.parent if fmt == "img2dataset" else image_out
     tsv_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = tsv_path.with_name(f"{tsv_path.name}.tmp-{os.getpid()}")
-    n = 0
-    with open(tmp, "wb") as f:
-        f.write("\t".join(TSV_HEADER).encode() + b"\n")
-        for n, entry in enumerate(entries, start=1):
-            name = f"{prefix}/{entry.name}"
-            if fmt == "wds" and entry.ref is not None:
-                _extract(entry.ref, image_out / name)
-            caption = entry.caption if isinstance(entry.caption, bytes) else entry.caption.encode("utf-8")
-            f.write(caption.replace(b"\t", b" ").replace(b"\n", b" ").replace(b"\r", b" ") + b"\t" + name.encode() + b"\n")
-    os.replace(tmp, tsv_path)
+    n, refused = 0, Counter()
+    try:
+        with open(tmp, "wb") as f:
+            f.write("\t".join(TSV_HEADER).encode() + b"\n")
+            for entry in entries:
+                if entry.skip:  # counted by the reader's own log too; never written or extracted
+                    refused[entry.skip] += 1
+                    continue
+                name = f"{prefix}/{entry.name}"
+                if any(c in name for c in "\t\r\n"):  # from the user's own folder names
+                    raise ValueError(f"image name {name!r} holds a tab or line break: a TSV cannot hold it")
+                if fmt == "wds" and entry.ref is not None:
+                    _extract(entry.ref, image_out, name)
+                caption = entry.caption if isinstance(entry.caption, bytes) else entry.caption.encode("utf-8")
+                f.write(caption.replace(b"\t", b" ").replace(b"\n", b" ").replace(b"\r", b" ") + b"\t" + name.encode() + b"\n")
+                n += 1
+        os.replace(tmp, tsv_path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # never leave cc3m_<split>.tsv.tmp-<pid> behind
+        raise
+    if refused:
+        logger.warning("%s: %d source rows not written (%s)", tsv_path, sum(refused.values()), _format_counts(refused))
     return n, image_dir
 
 
-def _extract(ref: str, dest: Path) -> None:
+def _extract(ref: str, image_out: Path, name: str) -> None:
+    """Write the image bytes at ``image_out/name``; refuse a path that resolves outside
+    ``image_out`` (a ``..`` the reader missed, or a symlink already inside the folder)."""
+    out = Path(os.path.realpath(image_out))
+    dest = Path(os.path.realpath(out / name))
+    if out not in dest.parents:
+        raise ValueError(f"image {name!r} would be written outside {image_out} (at {dest}); refused")
     dest.parent.mkdir(parents=True, exist_ok=True)
-    src = _image_file(ref)
-    dest.write_bytes(src.getvalue())
+    dest.write_bytes(_image_file(ref).getvalue())
 
 
 def main(argv: list[str] | None = None) -> int:
