@@ -224,6 +224,27 @@ def differences(per_run: dict[str, dict[int, dict[str, PerQuery]]], a: str, b: s
     return out
 
 
+def analyse(per_run: dict[str, dict[int, dict[str, PerQuery]]], order: list[str], n_boot: int):
+    """(summary, differences, claims, printed table) of the finished runs."""
+    summary = summarise({e: [per_run[e][s] for s in sorted(per_run[e])] for e in order})
+    diffs = {"unimur - fromage": differences(per_run, "unimur", "fromage", n_boot)}
+    for e in order:  # the rules' effect, and each ablation's cost, on the same footing
+        if e in ("unimur@fromage_rules", "unimur@threshold"):
+            diffs[f"{e} - fromage"] = differences(per_run, e, "fromage", n_boot)
+        elif e not in ("unimur", "fromage"):
+            diffs[f"{e} - unimur"] = differences(per_run, e, "unimur", n_boot)
+    return summary, diffs, claims_table(diffs), format_table(summary, diffs["unimur - fromage"], order)
+
+
+def format_claims(claims: list[dict[str, str]]) -> str:
+    lines = ["Claims of the abstract (UniMuR - FROMAGe, points of %; p Holm-adjusted over the rows):"]
+    for row in claims:
+        n = f" (n={row['n']})" if row["n"] else ""
+        lines.append(f"  {row['unimur']:<22} {row['claim'][:60]:<60} {row['difference']:>24}  "
+                     f"p_holm {row['p_holm']:>7}  {row['verdict']}{n}")
+    return "\n".join(lines)
+
+
 def format_table(summary: dict, diff: dict, order: list[str]) -> str:
     width = 17
     head = f"{'metric (%)':<40}" + "".join(f"{EVALUATIONS[e].label[:width - 1]:>{width}}" for e in order)
@@ -325,16 +346,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         memo.prefix_bytes / 2**20)
 
     order = [e.name for e in evaluations if e.name in per_run]
-    summary = summarise({e: [per_run[e][s] for s in sorted(per_run[e])] for e in order})
-    diffs = {"unimur - fromage": differences(per_run, "unimur", "fromage", args.n_boot)}
-    for e in order:  # the rules' effect, and each ablation's cost, on the same footing
-        if e in ("unimur@fromage_rules", "unimur@threshold"):
-            diffs[f"{e} - fromage"] = differences(per_run, e, "fromage", args.n_boot)
-        elif e not in ("unimur", "fromage"):
-            diffs[f"{e} - unimur"] = differences(per_run, e, "unimur", args.n_boot)
-    main_diff = diffs["unimur - fromage"]
-    claims = claims_table(diffs)
-    table = format_table(summary, main_diff, order)
+    summary, diffs, claims, table = analyse(per_run, order, args.n_boot)
     peak_rss_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     n_queries = {bench: len(k) for bench, k in keys.items()}
     report = {
@@ -370,10 +382,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
           "image only above a threshold chosen on validation; last column: paired difference, 95% interval "
           "over seeds and queries")
     print(table)
-    print("\nClaims of the abstract (UniMuR - FROMAGe, points of %; p Holm-adjusted over the rows):")
-    for row in claims:
-        print(f"  {row['unimur']:<22} {row['claim'][:60]:<60} {row['difference']:>24}  p_holm {row['p_holm']:>7}"
-              f"  {row['verdict']}")
+    print("\n" + format_claims(claims))
     print(f"\nwall time {stages.total() / 60:.1f} min, peak RSS {peak_rss_gib:.2f} GiB, "
           f"{torch.get_num_threads()} torch threads; results: {results_dir}/comparison.json, comparison.png")
     print("=" * 110)

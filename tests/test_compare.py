@@ -170,6 +170,15 @@ def test_evaluations_give_per_query_arrays_that_match_their_results(tmp_path, ti
     assert diffs["mmdialog/image_retrieval_rate"]["diff"] == pytest.approx(
         100.0 * (1 - sum(rules["per_query"]["mmdialog/image_retrieval_rate"]["num"]) / n))
     assert "visdial/dialogue_to_image/R@1" not in diffs  # only where both runs have it
+    # the whole summary on two "seeds" of each: every claim row judged or refused with a reason
+    per_run = {e: {s: cm._per_query(r) for s in (0, 1)} for e, r in (("unimur", mine), ("fromage", rules))}
+    summary, diffs, claims, table = cm.analyse(per_run, ["unimur", "fromage"], n_boot=50)
+    assert len(claims) == 8 and "MMDialog image output F1" in table
+    assert all(row["verdict"].startswith(("holds", "does not hold", "within noise", "no verdict", "not measured"))
+               for row in claims)
+    assert "p_holm" in cm.format_claims(claims)
+    cm.plot(summary, ["unimur", "fromage"], tmp_path / "c.png")
+    assert (tmp_path / "c.png").stat().st_size > 10_000
 
 
 @pytest.mark.slow
