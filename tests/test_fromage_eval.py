@@ -169,3 +169,41 @@ def test_visdial_ret_token_rule(tmp_path):
     assert_metrics(m["dialogue_to_image"], 50, 100, 100, 0.6875, 2.0, 4)
     assert_metrics(m["dialogue_to_image_output"], 25, 75, 75, (1 + 0.5 + 0.25) / 4, 3.0, 4)
     assert m["image_retrieval_rate"] == 0.75 and res["settings"]["image_rule"] == "ret-token"
+
+
+def test_a_dialogue_longer_than_the_llm_positions_is_cut_and_counted(fromage_model_dir, tmp_path, capsys):
+    """tiny-opt has 256 positions: a dialogue of ~2,000 tokens loses its oldest turns (counted in
+    the results and the table) instead of ending the evaluation; the other queries' results are
+    those of the set without it."""
+    import shutil
+
+    from evals import eval_mmdialog
+
+    model_dir, paths = fromage_model_dir
+    src = paths["mmdialog_dir"]
+    dst = tmp_path / "MMDialog"
+    shutil.copytree(src, dst)
+    conv = dst / "test" / "conversations.json"
+    dialogues = json.loads(conv.read_text())
+    long = json.loads(json.dumps(dialogues[0]))
+    long["conversation_id"] = 999_999
+    filler = [{"turn": [{"__TEXT__": f"turn {i}: " + "a red circle next to a blue square " * 8}]} for i in range(30)]
+    long["conversation"] = filler + long["conversation"]
+    conv.write_text(json.dumps(dialogues + [long]))
+
+    def run(folder, name):
+        out = tmp_path / f"{name}.json"
+        eval_mmdialog.main(["--model-dir", str(model_dir), "--mmdialog-dir", str(folder), "--device", "cpu",
+                            "--no-progress", "--n-negatives", "20", "--output", str(out)])
+        return json.loads(out.read_text()), capsys.readouterr().out
+
+    with_long, table = run(dst, "long")
+    plain, _ = run(src, "plain")
+    assert with_long["counts"]["contexts_cut"] == 1 and plain["counts"]["contexts_cut"] == 0
+    assert "contexts cut to fit 256 positions: 1" in table
+    n = plain["counts"]["queries_evaluated"]
+    assert with_long["counts"]["queries_evaluated"] == n + 1
+    for key in ("image_ranks", "text_ranks", "image_output", "generated_text", "prompt"):
+        assert [ex[key] for ex in with_long["examples"][:n]] == [ex[key] for ex in plain["examples"]], key
+    cut = with_long["examples"][n]
+    assert cut["conversation_id"] == 999_999 and not cut["prompt"].startswith("A: turn 0:")

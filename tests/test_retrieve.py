@@ -297,3 +297,22 @@ def test_nonfinite_embedding_rows_are_refused_or_left_out_and_counted(tiny_pool,
     kept = [i for n, i in enumerate(tiny_pool.ids) if n not in (1, 2)]
     assert sorted(x["id"] for x in answer["images"]) == sorted(kept)
     assert all(x["score"] == x["score"] for x in answer["images"])  # no NaN score
+
+
+def test_a_dialogue_longer_than_the_llm_positions_loses_its_oldest_turns(tiny_pool, tmp_path, capsys):
+    """tiny-opt has 256 positions: the answer says how many turns were left out, and equals the
+    answer to the turns that were kept."""
+    turns = [{"turn": [{"__TEXT__": f"turn {i}: " + "a red circle next to a blue square " * 8}]} for i in range(30)]
+    turns.append({"turn": [{"__TEXT__": "show me a green square"}]})
+    path = tmp_path / "long.json"
+    path.write_text(json.dumps({"conversation": turns}))
+    answer = run_json(capsys, pool_args(tiny_pool, "--dialogue", str(path), "-k", "3"))
+    dropped = answer["context_cut"]["turns_dropped"]
+    assert answer["context_cut"]["cut"] and 0 < dropped < 30
+    kept = tmp_path / "kept.json"
+    kept.write_text(json.dumps({"conversation": turns[dropped:]}))
+    again = run_json(capsys, pool_args(tiny_pool, "--dialogue", str(kept), "-k", "3"))
+    assert again["context_cut"] == {"cut": False, "turns_dropped": 0}
+    assert again["images"] == answer["images"] and again["texts"] == answer["texts"]
+    retrieve.main(pool_args(tiny_pool, "--dialogue", str(path), "-k", "1"))
+    assert f"its oldest {dropped} turn(s) were left out" in capsys.readouterr().out
