@@ -100,9 +100,13 @@ def load_llm(name: str, dtype: str = "fp32", weights: bool = True,
     """A frozen causal LM by identifier (see module docstring).
 
     weights=False builds the architecture only (use under `torch.device("meta")` to check
-    shapes without loading gigabytes). device: a CUDA device loads the hub/folder weights
-    straight onto it (no full copy in host RAM per rank: 4 ranks of OPT-6.7B would otherwise
-    hold ~4 x 13 GB of host memory at once while starting).
+    shapes without loading gigabytes). device: where the hub/folder weights load, straight
+    onto it (no full copy in host RAM per rank: 4 ranks of OPT-6.7B would otherwise hold
+    ~4 x 13 GB of host memory at once while starting); None is the CPU.
+
+    Every device takes the same `from_pretrained` arguments (a `device_map`, which needs
+    `accelerate`, a core dependency): a CPU run and its tests then fail the way a GPU run
+    would if that path broke, instead of a GPU-only branch failing first on the cluster.
     """
     if name == "smollm2-135m":
         from .offline_backbones import load_smollm2
@@ -124,9 +128,8 @@ def load_llm(name: str, dtype: str = "fp32", weights: bool = True,
         from transformers import AutoModelForCausalLM
 
         logger.info("Loading LLM %s (%s)", name, dtype)
-        device = torch.device(device) if device is not None else None
-        to_gpu = {"device_map": {"": str(device)}} if device is not None and device.type == "cuda" else {}
-        llm = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype, **to_gpu)
+        device = torch.device(device if device is not None else "cpu")
+        llm = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype, device_map={"": str(device)})
     return freeze(llm)
 
 
