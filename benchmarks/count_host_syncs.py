@@ -5,8 +5,8 @@ On a GPU the host waits for the device whenever it reads a device tensor's value
 size depends on the data). This script runs `main.py` itself (tiny backbones, synthetic set,
 cached features) with those Tensor methods patched to count calls made while
 `Trainer.train_epoch` runs, by call site; calls from the data loader's host-side preparation
-(collator, sampler, dataset, DataLoader) are not counted, since on a GPU those tensors are host
-tensors. The figure is calls per optimizer step. Reads of tensors created on the host on purpose
+(collator, sampler, dataset, DataLoader), AdamW's host-side step counters and the
+concat-captions coin are not counted, since on a GPU those tensors are host tensors too. The figure is calls per optimizer step. Reads of tensors created on the host on purpose
 (the control-plane flags of `distributed.py`, on a gloo group) are counted too but listed by
 site, so they can be told apart.
 
@@ -28,9 +28,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-# host-side data preparation: on a GPU run these tensors live on the host
+# Host tensors on a GPU run too, so not syncs: the data loader's preparation (collator, sampler,
+# dataset), AdamW's `step` counters (kept on the host unless capturable=True) and the
+# concat-captions coin (a host generator).
 _NOT_COUNTED = ("unimur/data.py", "unimur/sampling.py", "unimur/feature_cache.py", "torch/utils/data/",
-                "tqdm/", "unimur/tokenizer.py")
+                "tqdm/", "unimur/tokenizer.py", "torch/optim/")
+_NOT_COUNTED_FUNCTIONS = ("concat_this_batch",)
 counts: collections.Counter = collections.Counter()
 _active = [False]
 
@@ -38,7 +41,7 @@ _active = [False]
 def _site() -> str | None:
     frame = sys._getframe(2)
     name = frame.f_code.co_filename.replace(os.sep, "/")
-    if any(part in name for part in _NOT_COUNTED) or name == __file__:
+    if any(part in name for part in _NOT_COUNTED) or name == __file__ or frame.f_code.co_name in _NOT_COUNTED_FUNCTIONS:
         return None
     short = name.split("site-packages/")[-1] if "site-packages/" in name else os.path.relpath(name, ROOT)
     return f"{short}:{frame.f_lineno} ({frame.f_code.co_name})"
