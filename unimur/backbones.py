@@ -133,6 +133,22 @@ def load_llm(name: str, dtype: str = "fp32", weights: bool = True,
     return freeze(llm)
 
 
+def compile_llm(llm: nn.Module) -> nn.Module:
+    """`torch.compile` each decoder block of a frozen causal LM, in place (`--compile`).
+
+    Block by block rather than the whole forward: the model's mask building and its key/value
+    cache (the retrieval pass's prefix) stay eager, so they cannot break the compiled graphs,
+    and the blocks share one compiled code object. Any architecture whose blocks sit in one
+    `ModuleList` of `num_hidden_layers` entries (OPT, Llama, ...)."""
+    n = llm.config.num_hidden_layers
+    blocks = next((m for m in llm.modules() if isinstance(m, nn.ModuleList) and len(m) == n), None)
+    if blocks is None:
+        raise ValueError(f"--compile: no list of {n} decoder blocks found in {type(llm).__name__}")
+    for block in blocks:
+        block.compile(dynamic=True)  # batch and caption lengths vary from step to step
+    return llm
+
+
 # ---------------------------------------------------------------------- encoders
 
 
