@@ -351,9 +351,10 @@ class UniMuR(nn.Module):
         sel = labels != -100
         # logits only where there is a target: avoids a (N, T, V) tensor over padding. The
         # positions are found where the labels are (host labels: no device sync) and moved.
-        rows, cols = (i.to(pred_hidden.device, non_blocking=True) for i in sel.nonzero(as_tuple=True))
+        at = sel.nonzero(as_tuple=True)
+        targets = labels[at].to(pred_hidden.device, non_blocking=True)
+        rows, cols = (i.to(pred_hidden.device, non_blocking=True) for i in at)
         logits = self.lm_logits(pred_hidden[rows, cols]).float()
-        targets = labels[rows.to(labels.device), cols.to(labels.device)].to(pred_hidden.device, non_blocking=True)
         nll = F.cross_entropy(logits, targets, reduction="sum")
         return nll, rows.new_tensor(rows.shape[0])
 
