@@ -19,10 +19,10 @@ PY=${PYTHON:-python}
 SMOKE=${GPU_CHECK_SMOKE:-0}
 WORK=${GPU_CHECK_DIR:-/tmp/unimur-gpu-check$([ "$SMOKE" = 1 ] && echo -smoke)}
 if [ "$SMOKE" = 1 ]; then
-    LLM=tiny-opt CLIP=ViT-B-32-quickgelu ROWS=48 STEPS=${STEPS:-6} BATCH=8 WORKERS=0
+    LLM=tiny-opt CLIP=ViT-B-32-quickgelu ROWS=48 VAL_ROWS=16 STEPS=${STEPS:-6} BATCH=8 WORKERS=0
     CHECK=(--device cpu --llm tiny-opt --visual-model tiny-clip --batch-size 8 --repeats 2 --eval-queries 4)
 else
-    LLM=facebook/opt-6.7b CLIP=ViT-L-14-quickgelu ROWS=3000 STEPS=${STEPS:-300} BATCH=30 WORKERS=8
+    LLM=facebook/opt-6.7b CLIP=ViT-L-14-quickgelu ROWS=3000 VAL_ROWS=120 STEPS=${STEPS:-300} BATCH=30 WORKERS=8
     CHECK=(--repeats 10)
     if ! "$PY" -c "import torch, transformers, open_clip, accelerate; assert torch.cuda.is_available()" 2>/dev/null; then
         echo "error: gpu_check.sh needs a CUDA GPU and the project's requirements (torch with CUDA, transformers," \
@@ -35,7 +35,7 @@ start=$(date +%s)
 say() { echo "[gpu_check +$(( $(date +%s) - start ))s] $*"; }
 
 say "inputs in $WORK (LLM $LLM, CLIP $CLIP, $ROWS rows)"
-timeout 240 "$PY" benchmarks/gpu_check_setup.py --out "$WORK" --llm "$LLM" --clip "$CLIP" --rows "$ROWS"
+timeout 240 "$PY" benchmarks/gpu_check_setup.py --out "$WORK" --llm "$LLM" --clip "$CLIP" --rows "$ROWS" --val-rows "$VAL_ROWS"
 
 say "main.py under torchrun: $STEPS steps of batch $BATCH, bf16, NCCL"
 rm -rf "$WORK/runs/check" "$WORK/syn/dataset/.feature_cache"  # the cache build is part of the check
@@ -53,7 +53,7 @@ rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
 train = [r for r in rows if r["split"] == "train"]
 cache = json.loads((run.parents[1] / "syn/dataset/.feature_cache/cc3m_train.json").read_text())
 print(f"main.py: {train[-1]['step']} steps, loss {train[0]['loss']:.3f} -> {train[-1]['loss']:.3f}, "
-      f"{train[-1]['samples_per_s']:.1f} samples/s over the last {train[-1]['step'] - train[-2]['step']} steps; "
+      f"{train[-1]['samples_per_s']:.1f} samples/s (the epoch so far); "
       f"feature cache: {cache['num_rows']} rows in {cache['build_seconds']} s "
       f"({cache['num_rows'] / max(cache['build_seconds'], 1e-9):.0f} images/s, decoding included)")
 PYEOF
