@@ -20,6 +20,8 @@ An estimate, not a measurement: allocator fragmentation and CUDA context (~0.5 G
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from .config import Config
@@ -92,7 +94,7 @@ def format_plan(plan: dict[str, float], cfg: Config, ranks_per_node: int, nodes:
              f"{cfg.train.batch_size} -> {plan['per_gpu_batch']} per GPU, precision {cfg.train.precision}"]
     lines += [f"  {name:32s} {value / GIB:8.2f} GiB   {note}" for name, value, note in rows]
     lines.append(f"  {'per GPU, total':32s} {plan['per_gpu_total'] / GIB:8.2f} GiB"
-                 + (f"   of {gpu_gib:g} GiB: {'fits' if plan['per_gpu_total'] / GIB < 0.9 * gpu_gib else 'does NOT fit'}"
+                 + (f"   of {gpu_gib:.1f} GiB: {'fits' if plan['per_gpu_total'] / GIB < 0.9 * gpu_gib else 'does NOT fit'}"
                     f" (10% kept for the allocator and CUDA context)" if gpu_gib else ""))
     if cfg.data.feature_cache:
         lines.append(f"  {'per GPU, building the cache':32s} {plan['per_gpu_cache_build'] / GIB:8.2f} GiB   "
@@ -113,7 +115,7 @@ def format_run(cfg: Config, gpu, ranks_per_node: int, nodes: int, backend: str, 
              f"timeout {timeout_min:g} min",
              f"  precision {t.precision}: {autocast[t.precision]}; frozen LLM stored in {m.llm_dtype}, CLIP in "
              f"{m.encoder_dtype}; trainable layers, gradients and AdamW in fp32; TF32 matmuls on",
-             "  CLIP features: " + (f"cached as {cache_dtype} in {d.cache_dir or d.dataset_dir + '/.feature_cache'}, "
+             "  CLIP features: " + (f"cached as {cache_dtype} in {Path(d.cache_dir or Path(d.dataset_dir) / '.feature_cache')}, "
                                     f"encoded once under {t.precision} autocast, then CLIP leaves the GPU"
                                     if d.feature_cache else "recomputed every step (--no-feature-cache)"),
              f"  frozen LLM forward: {'torch.compile' if t.compile else 'eager (--compile to compile it)'}"]
