@@ -261,7 +261,9 @@ def _run(local_rank: int, rank: int, world: int, init_method: str | None, args, 
         if device.type == "cpu" and world > 1:
             # share the cores instead of oversubscribing them world-fold
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-        if world > 1:
+        # a launcher (torchrun) gets its process group and DDP even for one process, so a
+        # one-GPU check runs the collectives a multi-GPU run runs
+        if world > 1 or init_method == "env://":
             dist_utils.init(_backend(args, device), init_method, world, rank, args.dist_timeout)
             logger.info("process group up: rank %d of world size %d (%s, %s backend, timeout %g min)", rank, world,
                         init_method, dist.get_backend(), args.dist_timeout)

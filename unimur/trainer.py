@@ -138,7 +138,7 @@ class Trainer:
     # ------------------------------------------------------------------ setup
 
     def _wrap_ddp(self, model: UniMuR):
-        if self.world == 1:
+        if not dist_utils.is_initialized():
             return model
         # Frozen backbones are identical on every rank (same weights / seed): don't let DDP
         # broadcast billions of parameters at start-up or track them.
