@@ -58,6 +58,23 @@ def timeit(fn, repeats: int, warmup: int = 2) -> float:
     return statistics.median(times)
 
 
+def timeit_alternating(fns, repeats: int, warmup: int = 2) -> list[float]:
+    """Median time of each function, calling them in turn (f, g, f, g, ...): on a shared machine
+    the load drifts, and timing one after the other in blocks would put the drift into the ratio."""
+    for _ in range(warmup):
+        for fn in fns:
+            fn()
+    times = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, ts in zip(fns, times):
+            t = time.perf_counter()
+            fn()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            ts.append(time.perf_counter() - t)
+    return [statistics.median(ts) for ts in times]
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--llm", default="tiny-opt")
@@ -71,6 +88,10 @@ def main(argv=None):
     ap.add_argument("--llm-dtype", default="fp32")
     ap.add_argument("--l-cap", type=float, default=1.0,
                     help="caption loss weight; 0 skips the captioning pass (the demo's setting)")
+    ap.add_argument("--step-only", action="store_true",
+                    help="time only the floor and the cached-feature step (the ratio), nothing else")
+    ap.add_argument("--compile", action="store_true",
+                    help="also time the step and floor with the LLM's blocks compiled (main.py --compile)")
     args = ap.parse_args(argv)
     dev = torch.device(args.device)
     torch.manual_seed(0)
@@ -81,7 +102,8 @@ def main(argv=None):
     rss_model = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     b, k = args.batch_size, cfg.n_visual_tokens
     caps = captions(b, 40)
-    tok = {n: t.to(dev) for n, t in tokenize_captions(model.tokenizer, caps, args.max_len, model.ret_id).items()}
+    # ids and masks stay on the host, as the trainer keeps them (the model moves them itself)
+    tok = tokenize_captions(model.tokenizer, caps, args.max_len, model.ret_id)
     assert int(tok["ret_mask"].sum(1).min()) == args.max_len, "captions shorter than max_len"
     size = getattr(model.encoders.preprocess.transforms[1], "size", (224, 224))
     images = [Image.new("RGB", (256, 256), (i * 13 % 255, 90, 200)) for i in range(b)]
@@ -102,8 +124,9 @@ def main(argv=None):
 
     llm = model.llm
     h_in = llm.get_input_embeddings().embedding_dim
-    cap_mask = torch.cat([torch.ones(b, k, dtype=torch.long, device=dev), tok["caption_mask"]], 1)
-    labels = tok["caption_ids"].masked_fill(tok["caption_mask"] == 0, -100)
+    cap_mask = torch.cat([torch.ones(b, k, dtype=torch.long), tok["caption_mask"]], 1).to(dev)
+    labels = tok["caption_ids"].masked_fill(tok["caption_mask"] == 0, -100).to(dev)
+    ret_mask = tok["ret_mask"].to(dev)
     dtype = llm.get_input_embeddings().weight.dtype
 
     def floor():
@@ -114,26 +137,38 @@ def main(argv=None):
             F.cross_entropy(llm.get_output_embeddings()(h[sel]).float(), labels[sel]).backward()
         with torch.no_grad():
             x_ret = torch.randn(b, tok["ret_ids"].shape[1], h_in, device=dev, dtype=dtype)
-            llm.base_model(inputs_embeds=x_ret, attention_mask=tok["ret_mask"])
+            llm.base_model(inputs_embeds=x_ret, attention_mask=ret_mask)
 
     def retrieval_pass(split: bool):
         ids, mask = tok["ret_ids"], tok["ret_mask"]
         if split:
             u = model.unified_from_tokens(ids, mask)
         else:  # the plain pass: autograd through every position
+            ids, mask = ids.to(dev), mask.to(dev)
             u = model.unified_from_hidden(model.run_llm(model.embed_tokens(ids), mask), mask)
         u.pow(2).sum().backward()
         model.zero_grad(set_to_none=True)
 
-    t_floor = timeit(floor, args.repeats)
-    t_step = timeit(step, args.repeats)
+    t_floor, t_step = timeit_alternating([floor, step], args.repeats)
+    print(f"command: python benchmarks/bench_train_step.py {' '.join(sys.argv[1:] if argv is None else argv)}")
+    print(f"floor {t_floor * 1e3:.1f} ms, full step (cached CLIP features) {t_step * 1e3:.1f} ms: "
+          f"step/floor {t_step / t_floor:.3f} (medians of {args.repeats}, called in turn)")
+    if args.step_only:
+        return
     t_recompute = timeit(lambda: step(recompute=True), args.repeats)
     t_ret_split = timeit(lambda: retrieval_pass(True), args.repeats)
     t_ret_full = timeit(lambda: retrieval_pass(False), args.repeats)
+    if args.compile:
+        from unimur.backbones import compile_llm
+
+        compile_llm(llm)
+        t0 = time.perf_counter()
+        floor(), step()  # the first calls compile
+        t_compile = time.perf_counter() - t0
+        t_floor_c, t_step_c = timeit(floor, args.repeats), timeit(step, args.repeats)
     rss_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     n_train = sum(p.numel() for p in params)
     emb = llm.get_input_embeddings().weight
-    print(f"command: python benchmarks/bench_train_step.py {' '.join(sys.argv[1:] if argv is None else argv)}")
     print(f"config: llm={args.llm} visual={args.visual_model} text={args.text_model} target_proj={args.target_proj} "
           f"batch={b} max_len={args.max_len} device={dev} threads={torch.get_num_threads()} "
           f"image={tuple(pixels.shape[1:])} preprocess_size={size}")
@@ -142,6 +177,10 @@ def main(argv=None):
     print(f"full step, cached CLIP features:                    {t_step * 1e3:8.1f} ms  ratio to floor {t_step / t_floor:.3f}")
     print(f"full step, CLIP recomputed every step:              {t_recompute * 1e3:8.1f} ms  ratio to cached {t_recompute / t_step:.3f}")
     print(f"samples/s (cached): {b / t_step:.1f}")
+    if args.compile:
+        print(f"--compile (LLM blocks; first calls {t_compile:.0f} s): floor {t_floor_c * 1e3:.1f} ms, step "
+              f"{t_step_c * 1e3:.1f} ms, ratio to compiled floor {t_step_c / t_floor_c:.3f}; "
+              f"step eager / compiled x{t_step / t_step_c:.2f}")
     print(f"retrieval pass fwd+bwd, [RET] on cached prefix:     {t_ret_split * 1e3:8.1f} ms; "
           f"autograd through every position {t_ret_full * 1e3:8.1f} ms (x{t_ret_full / t_ret_split:.2f})")
     print(f"trainable params {n_train:,} ({n_train * 4 / 2**20:.2f} MB fp32, AdamW state {2 * n_train * 4 / 2**20:.2f} MB); "

@@ -277,27 +277,29 @@ def test_cached_dataset_with_no_usable_image_fails(data, encoders, tmp_path):
 
 
 def test_start_up_checks_the_stamp_not_the_whole_file(data, encoders, tmp_path, monkeypatch):
-    """Hashing the whole file happens once after the build, then only when asked or when the
-    mtime changed (and a matching hash renews the stamp); the header is always compared."""
+    """The build hashes the bytes as it writes them (no re-read); the whole file is hashed again
+    only when asked or when the mtime changed (and a matching hash renews the stamp); the
+    header is always compared."""
     _, _, rows = data
     cache_dir = tmp_path / "cache"
     hashed = []
     real = fc.file_sha256
     monkeypatch.setattr(fc, "file_sha256", lambda p: hashed.append(p) or real(p))
     load_or_build_feature_cache(rows, encoders, cache_dir)
-    assert len(hashed) == 1  # verified once after the build
+    assert len(hashed) == 0  # computed once, while writing
+    data_path, sidecar_path = cache_paths(cache_dir)
+    assert json.loads(sidecar_path.read_text())["sha256"] == real(data_path)
     enc = CountingEncoders(encoders)
     load_or_build_feature_cache(rows, enc, cache_dir)
-    assert len(hashed) == 1 and enc.calls == Counter()  # a hit: stamp only
+    assert len(hashed) == 0 and enc.calls == Counter()  # a hit: stamp only
     load_or_build_feature_cache(rows, enc, cache_dir, verify_checksum=True)
-    assert len(hashed) == 2 and enc.calls == Counter()  # --cache-verify
-    data_path, sidecar_path = cache_paths(cache_dir)
+    assert len(hashed) == 1 and enc.calls == Counter()  # --cache-verify
     os.utime(data_path, ns=(10**18, 10**18))  # a copy without -p: same bytes, new mtime
     load_or_build_feature_cache(rows, enc, cache_dir)
-    assert len(hashed) == 3 and enc.calls == Counter()
+    assert len(hashed) == 2 and enc.calls == Counter()
     assert json.loads(sidecar_path.read_text())["file_mtime_ns"] == 10**18  # stamp renewed
     load_or_build_feature_cache(rows, enc, cache_dir)
-    assert len(hashed) == 3
+    assert len(hashed) == 2
     # A flipped byte that keeps size and mtime passes the stamp; the full check finds it.
     raw = bytearray(data_path.read_bytes())
     raw[-20] ^= 0xFF

@@ -170,8 +170,9 @@ def test_dry_run_plans_the_seed_command_without_weights(tmp_path, capsys):
     assert not (tmp_path / "exp_log").exists()  # nothing started, no run folder
 
 
-def test_llm_weights_load_straight_to_a_cuda_device(monkeypatch):
-    """Checked without a GPU: what the loader is asked for (a GPU run exercises it for real)."""
+def test_llm_weights_load_straight_to_their_device_with_the_same_arguments(monkeypatch):
+    """What the loader is asked for: a device_map on every device, so a GPU run takes the
+    arguments the CPU tests take (tests/test_llm_loading.py loads a real folder that way)."""
     from transformers import AutoModelForCausalLM
 
     from unimur.backbones import load_llm
@@ -182,5 +183,5 @@ def test_llm_weights_load_straight_to_a_cuda_device(monkeypatch):
     load_llm("some/model", "bf16", device=torch.device("cuda", 3))
     load_llm("some/model", "bf16", device="cpu")
     load_llm("some/model", "bf16")
-    assert calls[0]["device_map"] == {"": "cuda:3"}
-    assert "device_map" not in calls[1] and "device_map" not in calls[2]
+    assert [c["device_map"] for c in calls] == [{"": "cuda:3"}, {"": "cpu"}, {"": "cpu"}]
+    assert {tuple(sorted(c)) for c in calls} == {("device_map", "dtype")}

@@ -100,9 +100,13 @@ def load_llm(name: str, dtype: str = "fp32", weights: bool = True,
     """A frozen causal LM by identifier (see module docstring).
 
     weights=False builds the architecture only (use under `torch.device("meta")` to check
-    shapes without loading gigabytes). device: a CUDA device loads the hub/folder weights
-    straight onto it (no full copy in host RAM per rank: 4 ranks of OPT-6.7B would otherwise
-    hold ~4 x 13 GB of host memory at once while starting).
+    shapes without loading gigabytes). device: where the hub/folder weights load, straight
+    onto it (no full copy in host RAM per rank: 4 ranks of OPT-6.7B would otherwise hold
+    ~4 x 13 GB of host memory at once while starting); None is the CPU.
+
+    Every device takes the same `from_pretrained` arguments (a `device_map`, which needs
+    `accelerate`, a core dependency): a CPU run and its tests then fail the way a GPU run
+    would if that path broke, instead of a GPU-only branch failing first on the cluster.
     """
     if name == "smollm2-135m":
         from .offline_backbones import load_smollm2
@@ -124,10 +128,25 @@ def load_llm(name: str, dtype: str = "fp32", weights: bool = True,
         from transformers import AutoModelForCausalLM
 
         logger.info("Loading LLM %s (%s)", name, dtype)
-        device = torch.device(device) if device is not None else None
-        to_gpu = {"device_map": {"": str(device)}} if device is not None and device.type == "cuda" else {}
-        llm = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype, **to_gpu)
+        device = torch.device(device if device is not None else "cpu")
+        llm = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype, device_map={"": str(device)})
     return freeze(llm)
+
+
+def compile_llm(llm: nn.Module) -> nn.Module:
+    """`torch.compile` each decoder block of a frozen causal LM, in place (`--compile`).
+
+    Block by block rather than the whole forward: the model's mask building and its key/value
+    cache (the retrieval pass's prefix) stay eager, so they cannot break the compiled graphs,
+    and the blocks share one compiled code object. Any architecture whose blocks sit in one
+    `ModuleList` of `num_hidden_layers` entries (OPT, Llama, ...)."""
+    n = llm.config.num_hidden_layers
+    blocks = next((m for m in llm.modules() if isinstance(m, nn.ModuleList) and len(m) == n), None)
+    if blocks is None:
+        raise ValueError(f"--compile: no list of {n} decoder blocks found in {type(llm).__name__}")
+    for block in blocks:
+        block.compile(dynamic=True)  # batch and caption lengths vary from step to step
+    return llm
 
 
 # ---------------------------------------------------------------------- encoders

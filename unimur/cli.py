@@ -7,6 +7,7 @@ import argparse
 import dataclasses
 
 from .config import Config, DataConfig, LossConfig, ModelConfig, TrainConfig, fromage_preset
+from .precision import default_llm_dtype
 
 M, D, T, L = ModelConfig(), DataConfig(), TrainConfig(), LossConfig()
 
@@ -30,6 +31,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "ones found, else 1")
     g.add_argument("--gpu-memory", type=float, default=None, metavar="GIB",
                    help="--dry-run: judge the plan against this much memory per GPU (default: the GPU found)")
+    g.add_argument("--dist-timeout", type=float, default=120.0, metavar="MINUTES",
+                   help="timeout of every collective (init_process_group); long enough for ranks that wait "
+                        "while rank 0 merges the CC3M feature cache (default 120; NCCL's own is 10)")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the frozen LLM's forward (off by default; see benchmarks/bench_train_step.py)")
 
     g = p.add_argument_group("model")
     g.add_argument("--method", choices=("unimur", "fromage"), default=M.method,
@@ -38,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--visual-model", default=M.visual_model, help="frozen CLIP: open_clip NAME[:tag], alias or tiny-clip")
     g.add_argument("--text-model", default=M.text_model, help="separate frozen text encoder (default: CLIP-T)")
     g.add_argument("--llm-dtype", choices=("fp32", "bf16", "fp16"), default=None,
-                   help="storage dtype of the frozen LLM (default: bf16 with --precision bf16, else fp32)")
+                   help="storage dtype of the frozen LLM (default: the --precision's 16-bit type, fp32 with "
+                        "--precision fp32)")
     g.add_argument("--n-visual-tokens", type=int, default=M.n_visual_tokens)
     g.add_argument("--shared-emb-dim", type=int, default=None,
                    help=f"retrieval space of W_u/W_v/W_t (default {M.shared_emb_dim}; target_proj=linear only)")
@@ -136,7 +143,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
     check_flags_take_effect(args, target_proj)
     model = ModelConfig(
         llm=args.llm, visual_model=args.visual_model, text_model=args.text_model,
-        llm_dtype=args.llm_dtype or ("bf16" if args.precision == "bf16" else "fp32"),
+        llm_dtype=args.llm_dtype or default_llm_dtype(args.precision),
         n_visual_tokens=args.n_visual_tokens, visual_feature=args.visual_feature,
         target_proj=target_proj, shared_emb_dim=args.shared_emb_dim or M.shared_emb_dim,
         ret_renorm=args.ret_renorm, text_emb_layers=tuple(args.text_emb_layers or M.text_emb_layers),
@@ -215,6 +222,8 @@ def check_flags_take_effect(args: argparse.Namespace, target_proj: str) -> None:
                         ("--cache-verify", args.cache_verify)):
         if value and not args.feature_cache:
             raise UsageError(f"{flag} has no effect with --no-feature-cache (nothing is cached)")
+    if args.dist_timeout <= 0:
+        raise UsageError(f"--dist-timeout {args.dist_timeout:g}: give a positive number of minutes")
     if args.gpu_memory is not None and not args.dry_run:
         raise UsageError("--gpu-memory has no effect without --dry-run")
     if args.nprocs is not None and not args.multiprocessing_distributed and not args.dry_run:

@@ -38,15 +38,21 @@ def train(argv: Sequence[str] | None = None, prog: str = "unimur-train"):
 
 
 def dry_run(args, cfg) -> dict:
-    """Print what the run would need per GPU and per node; start nothing."""
+    """Print what the run would do and need per GPU and per node; start nothing. A precision
+    the GPU found here cannot run ends in the same one-line error the run would give."""
     import torch
 
-    from unimur.memory_plan import detected_gpu_gib, format_plan, memory_plan
+    from unimur.memory_plan import format_plan, format_run, memory_plan
+    from unimur.precision import check_precision, detected_gpu
 
+    gpu = detected_gpu()
+    check_precision(cfg.train.precision, gpu)
     per_node = args.nprocs or torch.cuda.device_count() or 1
     nodes = max(1, args.world_size) if args.multiprocessing_distributed else 1
     plan = memory_plan(cfg, per_node, nodes)
-    print(format_plan(plan, cfg, per_node, nodes, args.gpu_memory or detected_gpu_gib()))
+    backend = args.dist_backend if gpu is not None or args.dist_backend != "nccl" else "gloo (nccl needs GPUs)"
+    print(format_run(cfg, gpu, per_node, nodes, backend, args.dist_timeout))
+    print(format_plan(plan, cfg, per_node, nodes, args.gpu_memory or (gpu.total_gib if gpu else None)))
     return plan
 
 

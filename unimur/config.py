@@ -147,6 +147,8 @@ class TrainConfig:
     sequence (FROMAGe's default; `unimur.packing`)."""
     start_epoch: int = 0
     """Start a new run at this epoch (schedule and data order positioned there; FROMAGe)."""
+    compile: bool = False
+    """torch.compile the frozen LLM's forward (its effect: benchmarks/bench_train_step.py)."""
     loss: LossConfig = field(default_factory=LossConfig)
 
     def __post_init__(self):

@@ -2,13 +2,69 @@
 
 Every function degrades to the single-process case when torch.distributed is not
 initialised, so library code can call them unconditionally.
+
+Host-side agreement (flags, batch sizes, a job id) goes over a gloo group on CPU tensors
+(:func:`control_group`): under NCCL the tensors of a collective live on the GPU, and reading
+one back makes the host wait for every kernel queued before it, once per step.
 """
 from __future__ import annotations
 
+import datetime
 import os
 
 import torch
 import torch.distributed as dist
+
+DEFAULT_TIMEOUT_MIN = 120.0
+_control_groups: dict[int, object] = {}  # default group's id -> its gloo twin (under NCCL)
+
+
+def init(backend: str, init_method: str | None, world_size: int, rank: int,
+         timeout_min: float = DEFAULT_TIMEOUT_MIN) -> None:
+    """init_process_group with a timeout long enough for rank 0's cache merge (NCCL's default
+    of 10 minutes kills a job whose other ranks wait that long), then the control group."""
+    timeout = datetime.timedelta(minutes=timeout_min)
+    dist.init_process_group(backend, init_method=init_method, world_size=world_size, rank=rank, timeout=timeout)
+    control_group(timeout)  # a collective: created here, at the same point on every rank
+
+
+def control_group(timeout: datetime.timedelta | None = None):
+    """A gloo group over all ranks for host-side values (None: the default group is gloo already)."""
+    if dist.get_backend() == "gloo":
+        return None
+    key = id(dist.group.WORLD)
+    if key not in _control_groups:
+        _control_groups[key] = dist.new_group(backend="gloo", timeout=timeout)
+    return _control_groups[key]
+
+
+def _host_all_reduce(values: list[int], op) -> list[int]:
+    t = torch.tensor(values, dtype=torch.long)
+    dist.all_reduce(t, op=op, group=control_group())
+    return t.tolist()
+
+
+def any_rank(flag: bool) -> bool:
+    """Whether `flag` holds on any rank (the same answer on every rank; host-side)."""
+    if get_world_size() == 1:
+        return bool(flag)
+    return bool(_host_all_reduce([int(flag)], dist.ReduceOp.MAX)[0])
+
+
+def all_ranks(flag: bool) -> bool:
+    """Whether `flag` holds on every rank (the same answer on every rank; host-side)."""
+    if get_world_size() == 1:
+        return bool(flag)
+    return bool(_host_all_reduce([int(flag)], dist.ReduceOp.MIN)[0])
+
+
+def broadcast_object(obj, src: int = 0):
+    """Rank `src`'s picklable `obj` on every rank (host-side)."""
+    if get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src, group=control_group())
+    return box[0]
 
 
 def is_initialized() -> bool:
@@ -46,11 +102,12 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _gather_sizes(n: int, device: torch.device) -> list[int]:
-    size = torch.tensor([n], device=device, dtype=torch.long)
+def _gather_sizes(n: int) -> list[int]:
+    """Every rank's local batch size (host-side: the sizes are known before any kernel runs)."""
+    size = torch.tensor([n], dtype=torch.long)
     sizes = [torch.zeros_like(size) for _ in range(get_world_size())]
-    dist.all_gather(sizes, size)
-    return [int(s) for s in sizes]
+    dist.all_gather(sizes, size, group=control_group())
+    return torch.cat(sizes).tolist()
 
 
 class _GatherWithGrad(torch.autograd.Function):
@@ -73,7 +130,7 @@ class _GatherWithGrad(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, local: torch.Tensor, sum_grads: bool) -> torch.Tensor:  # local: (n_r, D)
-        sizes = _gather_sizes(local.shape[0], local.device)
+        sizes = _gather_sizes(local.shape[0])
         max_n = max(sizes)
         padded = local.new_zeros((max_n, *local.shape[1:]))
         padded[: local.shape[0]] = local

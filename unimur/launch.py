@@ -21,7 +21,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from . import distributed as dist_utils
 from .checkpoint import LATEST, load_checkpoint
+from .precision import check_precision, detected_gpu, enable_tf32
 from .config import Config
 from .sources import check_split_source
 from .errors import EXPECTED, RunFolderError, UniMuRError, explain_backbone_errors, message, show_tracebacks
@@ -253,14 +255,18 @@ def _run(local_rank: int, rank: int, world: int, init_method: str | None, args, 
             if not overwrite:  # with --overwrite the old train.log goes once the new run starts
                 attach_run_log(run_dir)
         device = _device(args, local_rank)
+        # before any weight is read: a GPU that cannot run the precision stops in one line
+        check_precision(cfg.train.precision, detected_gpu(device.index or 0) if device.type == "cuda" else None)
+        enable_tf32()
         if device.type == "cpu" and world > 1:
             # share the cores instead of oversubscribing them world-fold
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-        if world > 1:
-            dist.init_process_group(_backend(args, device), init_method=init_method, world_size=world,
-                                    rank=rank)
-            logger.info("process group up: rank %d of world size %d (%s, %s backend)", rank, world,
-                        init_method, dist.get_backend())
+        # a launcher (torchrun) gets its process group and DDP even for one process, so a
+        # one-GPU check runs the collectives a multi-GPU run runs
+        if world > 1 or init_method == "env://":
+            dist_utils.init(_backend(args, device), init_method, world, rank, args.dist_timeout)
+            logger.info("process group up: rank %d of world size %d (%s, %s backend, timeout %g min)", rank, world,
+                        init_method, dist.get_backend(), args.dist_timeout)
         with explain_backbone_errors(cfg.model.llm, cfg.model.visual_model, BACKBONE_FIXES):
             trainer = Trainer(cfg, run_dir, device, resume=args.resume)
         if lock is not None:

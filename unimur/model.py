@@ -221,6 +221,7 @@ class UniMuR(nn.Module):
         Positions count only attended tokens, so left- and right-padded batches see the
         same positions for the same tokens (Llama-style models default to arange).
         """
+        attention_mask = attention_mask.to(inputs_embeds.device, non_blocking=True)  # host masks: see forward
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         out = self.llm.base_model(
             inputs_embeds=inputs_embeds.to(self._llm_dtype),
@@ -260,24 +261,34 @@ class UniMuR(nn.Module):
         """u for token sequences that end in [RET] (left or right padded): (B, E).
 
         With ``return_hidden`` also returns (hidden, ids, mask) of the pass, in the layout it
-        ran in (left-aligned when gradients are on: see `_run_llm_ret_last`).
+        ran in (left-aligned when gradients are on: see `_run_llm_ret_last`), on the device the
+        ids were given on.
+
+        The ids are checked (and left-aligned) where the caller keeps them, then moved to the
+        model's device: the trainer passes host tensors, so these data-dependent checks never
+        make the host wait for the GPU.
         """
         last = last_position(attention_mask)
         if not bool((input_ids.gather(1, last[:, None]) == self.ret_id).all()):
             raise ValueError("every sequence must end with [RET] at its last attended position")
         layers = None
-        if torch.is_grad_enabled() and self.ret_embedding.requires_grad:
+        split = torch.is_grad_enabled() and self.ret_embedding.requires_grad
+        if split:
             input_ids, attention_mask = left_align(input_ids, attention_mask)
-            hidden, layers = self._run_llm_ret_last(input_ids, attention_mask)
+            split = input_ids.shape[1] > 1 and not bool((input_ids[:, :-1] == self.ret_id).any())
+        ids, mask = (t.to(self.device, non_blocking=True) for t in (input_ids, attention_mask))
+        if split:
+            hidden, layers = self._run_llm_ret_last(ids, mask)
         elif self._all_layers:
-            hidden, layers = self.run_llm(self.embed_tokens(input_ids), attention_mask, all_layers=True)
+            hidden, layers = self.run_llm(self.embed_tokens(ids), mask, all_layers=True)
         else:
-            hidden = self.run_llm(self.embed_tokens(input_ids), attention_mask)
-        u = self.unified_from_hidden(hidden, attention_mask, layers)
+            hidden = self.run_llm(self.embed_tokens(ids), mask)
+        u = self.unified_from_hidden(hidden, mask, layers)
         return (u, hidden, input_ids, attention_mask) if return_hidden else u
 
     def _run_llm_ret_last(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """`run_llm` for left-aligned sequences whose only trainable input is the final [RET].
+        """`run_llm` for left-aligned sequences whose only trainable input is the final [RET]
+        (the caller checks that no other [RET] sits in the prefix, where it would need a gradient).
 
         The text before [RET] is made of frozen token embeddings, so no gradient can flow
         into it: it runs once without autograd and leaves its keys and values in a cache, and
@@ -287,9 +298,6 @@ class UniMuR(nn.Module):
         """
         prefix_ids = input_ids[:, :-1]
         every = self._all_layers
-        if prefix_ids.shape[1] == 0 or bool((prefix_ids == self.ret_id).any()):  # nothing to split
-            out = self.run_llm(self.embed_tokens(input_ids), attention_mask, all_layers=every)
-            return out if every else (out, None)
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         body = self.llm.base_model
         with torch.no_grad():
@@ -316,7 +324,9 @@ class UniMuR(nn.Module):
         """
         n, k = caption_ids.shape[0], self.config.n_visual_tokens
         visual = self.image_dropout(self.map_images(cap_features))  # (N, k, H_in)
-        text = self.embed_tokens(caption_ids)                      # (N, L, H_in)
+        # ids and mask stay where the caller keeps them (the trainer: on the host) for the
+        # labels, packing widths and target positions, which then cost no device sync
+        text = self.embed_tokens(caption_ids.to(visual.device, non_blocking=True))  # (N, L, H_in)
         inputs = torch.cat([visual.to(text.dtype), text], dim=1)
         mask = torch.cat([caption_mask.new_ones(n, k), caption_mask], dim=1)
         # each position's own token as its label (-100: not a target); position p predicts p+1
@@ -346,10 +356,14 @@ class UniMuR(nn.Module):
 
     def _token_nll(self, pred_hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         sel = labels != -100
-        # logits only where there is a target: avoids a (N, T, V) tensor over padding
-        logits = self.lm_logits(pred_hidden[sel]).float()
-        nll = F.cross_entropy(logits, labels[sel], reduction="sum")
-        return nll, sel.sum()
+        # logits only where there is a target: avoids a (N, T, V) tensor over padding. The
+        # positions are found where the labels are (host labels: no device sync) and moved.
+        at = sel.nonzero(as_tuple=True)
+        targets = labels[at].to(pred_hidden.device, non_blocking=True)
+        rows, cols = (i.to(pred_hidden.device, non_blocking=True) for i in at)
+        logits = self.lm_logits(pred_hidden[rows, cols]).float()
+        nll = F.cross_entropy(logits, targets, reduction="sum")
+        return nll, rows.new_tensor(rows.shape[0])
 
     # ------------------------------------------------------------------ training
 
@@ -360,6 +374,10 @@ class UniMuR(nn.Module):
                 ) -> UniMuROutput:
         """One training batch: both LLM passes plus the alignment targets.
 
+        The four id/mask tensors may stay on the host (the trainer keeps them there): every
+        data-dependent decision about them (labels, target positions, packing widths, the
+        [RET] checks) is then made without waiting for the GPU, and they move when used.
+
         with_caption=False skips the captioning pass (its loss weight is 0): half the LLM work.
         concat_captions: the captioning pass reads pairs of examples as one sequence.
         """
@@ -367,7 +385,7 @@ class UniMuR(nn.Module):
             caption_nll, caption_tokens = self.caption_nll(self.cap_input(image_features), caption_ids,
                                                            caption_mask, concat_captions)
         else:
-            caption_nll = caption_tokens = torch.zeros((), device=ret_ids.device)
+            caption_nll = caption_tokens = torch.zeros((), device=self.device)
         u, hidden, ret_ids, ret_mask = self.unified_from_tokens(ret_ids, ret_mask, return_hidden=True)
         lm_nll = lm_tokens = None
         if with_lm:  # LMret: teach the LLM to emit [RET] after a caption

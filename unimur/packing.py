@@ -47,7 +47,9 @@ def concat_pairs(mask: Tensor, *aligned: Tensor, pad: tuple[float | int, ...] | 
     pad = pad if pad is not None else (0,) * len(aligned)
     for x, fill in zip(aligned, pad):
         both = torch.cat([x[first], x[second]], dim=1)
-        idx = order.view(*order.shape, *([1] * (x.dim() - 2))).expand(-1, -1, *x.shape[2:])
+        # the mask may live on the host while x is on the device (model.caption_nll)
+        at = order if x.device == order.device else order.to(x.device, non_blocking=True)
+        idx = at.view(*order.shape, *([1] * (x.dim() - 2))).expand(-1, -1, *x.shape[2:])
         out.append(both.gather(1, idx)[:, :width])
     if n % 2:  # the odd one out, alone: both parts padded to one width, then stacked
         w = max(width, t)

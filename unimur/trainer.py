@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from . import distributed as dist_utils
-from .backbones import ImageFeatures, square_input_size
+from .backbones import ImageFeatures, compile_llm, square_input_size
 from .checkpoint import (BEST, LATEST, load_checkpoint, remove_stale_temp_files, resolve_resume,
                          rng_state, save_checkpoint, set_rng_state)
 from .config import Config
@@ -100,6 +100,12 @@ class Trainer:
 
         self.train_data = self._dataset("train")  # TSV-level skips are logged by the reader
         self.val_data = self._dataset("val")
+        if cfg.data.feature_cache:
+            # training reads the cache: CLIP (1.7 GB at ViT-L/14) has nothing left to do on the GPU
+            self.model.encoders.to("cpu")
+            torch.cuda.empty_cache()  # no-op without CUDA
+        if t.compile:
+            compile_llm(self.model.llm)
         self.collate = CaptionCollator(self.model.tokenizer, cfg.data.max_len, self.model.ret_id)
         self._metrics: MetricLogger | None = None  # opened on first use: see `metrics`
         self._stop_signal: int | None = None
@@ -132,29 +138,33 @@ class Trainer:
     # ------------------------------------------------------------------ setup
 
     def _wrap_ddp(self, model: UniMuR):
-        if self.world == 1:
+        if not dist_utils.is_initialized():
             return model
         # Frozen backbones are identical on every rank (same weights / seed): don't let DDP
         # broadcast billions of parameters at start-up or track them.
         frozen = [n for n, _ in model.named_parameters() if n.startswith(("llm.", "encoders."))]
         frozen += [n for n, _ in model.named_buffers() if n.startswith(("llm.", "encoders."))]
         DDP._set_params_and_buffers_to_ignore_for_model(model, frozen)
-        ids = [self.device.index] if self.device.type == "cuda" else None
         loss = self.cfg.train.loss
         # a zero loss weight leaves its layers without gradients: tell DDP not to wait for them
         unused = loss.l_cap == 0 or (model.text_proj is not None and loss.l_tm == 0)
-        return DDP(model, device_ids=ids, find_unused_parameters=unused)
+        # device_ids=None on every device: DDP then leaves the inputs where they are, so the
+        # token ids stay on the host for the model's checks (UniMuR.forward); the model sits on
+        # one device, which is all DDP needs
+        return DDP(model, device_ids=None, find_unused_parameters=unused)
 
     def _dataset(self, split: str):
         """CC3M split with cached frozen features (default) or with images decoded per step."""
         d = self.cfg.data
         if d.feature_cache:
             cache_dir = Path(d.cache_dir) if d.cache_dir else Path(d.dataset_dir) / ".feature_cache"
-            dtype = d.cache_dtype or ("bf16" if self.cfg.train.precision == "bf16" else "fp16")
+            precision = self.cfg.train.precision
+            dtype = d.cache_dtype or ("bf16" if precision == "bf16" else "fp16")
             return build_cached_cc3m_dataset(
                 d.dataset_dir, d.image_dir, self.model.encoders, cache_dir, split=split,
                 dataset_format=d.dataset_format, dtype=dtype, verify_checksum=d.cache_verify,
-                batch_size=self.cfg.train.val_batch_size, num_workers=d.workers, device=self.device)
+                batch_size=self.cfg.train.val_batch_size, num_workers=d.workers, device=self.device,
+                autocast=precision if precision in AUTOCAST_DTYPES else None)
         data = read_split(d.dataset_format, d.dataset_dir, d.image_dir, split)
         return CaptionDataset(data.rows, self.model.encoders.preprocess, read_skipped=data.skipped)
 
@@ -191,8 +201,9 @@ class Trainer:
 
     def _forward(self, module, batch, concat_captions: bool = False):
         feats, text = self._features(batch)
-        tok = {k: batch[k].to(self.device, non_blocking=True)
-               for k in ("caption_ids", "caption_mask", "ret_ids", "ret_mask")}
+        # ids and masks stay on the host: the model decides what depends on them there and
+        # moves them itself (UniMuR.forward), so no step waits for the GPU on their account
+        tok = {k: batch[k] for k in ("caption_ids", "caption_mask", "ret_ids", "ret_mask")}
         with self._autocast():
             out = module(feats, text, **tok, with_lm=self.with_lm, with_text=self.with_text,
                          with_caption=self.with_caption, concat_captions=concat_captions)
@@ -239,12 +250,16 @@ class Trainer:
                    dynamic_ncols=True, file=sys.stderr)
         self.model.train()
         t0, samples, micro = time.perf_counter(), 0, 0
-        sums: dict[str, float] = {}
+        # Loss terms add up on the device and are read only every --print-freq steps: reading a
+        # device value makes the host wait for the GPU, and a step should only wait when the
+        # optimizer needs it (fp16's inf check).
+        sums: dict[str, torch.Tensor | float] = {}
+        steps_summed = 0
         for batch_idx, batch in enumerate(loader, start=first):
             skips.update(batch)
             n_local = len(batch["captions"])
             # every rank must agree to skip an empty batch, or the collectives would hang
-            if int(dist_utils.all_reduce_sum(torch.tensor(int(n_local == 0), device=self.device))) > 0:
+            if dist_utils.any_rank(n_local == 0):
                 micro += 1
                 if micro % accum == 0:
                     self.optimizer.zero_grad(set_to_none=True)
@@ -257,19 +272,22 @@ class Trainer:
                 _, terms = self._forward(self.ddp, batch, concat)
                 self.scaler.scale(terms["loss"] / accum).backward()
             for k, v in terms.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach()) / accum
+                sums[k] = sums.get(k, 0.0) + v.detach() / accum
             sums["concat_captions"] = sums.get("concat_captions", 0.0) + float(concat) / accum
             samples += n_local
             micro += 1
             if not last_micro:
                 continue
             self._optimizer_step()
-            logs = self._reduce_logs(sums)
-            sums = {}
-            dt = time.perf_counter() - t0
-            rate = samples * self.world / max(dt, 1e-9)
-            logs.update(lr=self.optimizer.param_groups[0]["lr"], samples_per_s=rate,
-                        logit_scale=float(self.model.logit_scale.detach().exp()))
+            steps_summed += 1
+            logs = None
+            if self._logs_at(self.state.step + 1):
+                # the mean over the steps since the last record (one step with --print-freq 1)
+                logs = {k: v / steps_summed for k, v in self._reduce_logs(sums).items()}
+                rate = samples * self.world / max(time.perf_counter() - t0, 1e-9)
+                logs.update(lr=self.optimizer.param_groups[0]["lr"], samples_per_s=rate,
+                            logit_scale=float(self.model.logit_scale.detach().exp()))
+                sums, steps_summed = {}, 0
             self._after_step(bar, logs)
             if self._stop_signal is not None:
                 break
@@ -288,25 +306,28 @@ class Trainer:
         if self.cfg.model.ret_renorm:
             self.model.renorm_ret_embedding()
 
+    def _logs_at(self, step: int) -> bool:
+        """Whether the training metrics are recorded at `step` (every --print-freq, and the first)."""
+        return step % max(1, self.cfg.train.print_freq) == 0 or step == 1
+
     def _after_step(self, bar, logs: dict[str, float] | None = None) -> None:
         self.state.step += 1
         bar.update(1)
         t = self.cfg.train
         if logs is not None:
             bar.set_postfix(loss=f"{logs['loss']:.3f}", sps=f"{logs['samples_per_s']:.1f}")
-            if self.state.step % max(1, t.print_freq) == 0 or self.state.step == 1:
-                self.metrics.log("train", logs, self.state.step)
+            self.metrics.log("train", logs, self.state.step)
         if t.save_every_steps and self.state.step % t.save_every_steps == 0:
             self._save(LATEST)
-        # a signal on any rank stops all ranks at the same step
-        flag = torch.tensor(int(self._stop_signal is not None), device=self.device)
-        if int(dist_utils.all_reduce_sum(flag)) and self._stop_signal is None:
+        # a signal on any rank stops all ranks at the same step (host-side: no device sync)
+        if dist_utils.any_rank(self._stop_signal is not None) and self._stop_signal is None:
             self._stop_signal = signal.SIGTERM
 
-    def _reduce_logs(self, sums: dict[str, float]) -> dict[str, float]:
-        """Mean of each term over ranks (token losses: each rank holds its share x world)."""
+    def _reduce_logs(self, sums: dict[str, torch.Tensor | float]) -> dict[str, float]:
+        """Mean of each term over ranks (token losses: each rank holds its share x world); the
+        one read of device values, once per record."""
         keys = sorted(sums)
-        vals = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=self.device)
+        vals = torch.stack([torch.as_tensor(sums[k], dtype=torch.float64, device=self.device) for k in keys])
         vals = dist_utils.all_reduce_sum(vals) / self.world
         return dict(zip(keys, vals.tolist()))
 
@@ -321,7 +342,7 @@ class Trainer:
         for batch in tqdm(loader, desc="validate", disable=not dist_utils.is_main_process(),
                           dynamic_ncols=True, file=sys.stderr):
             # all ranks skip together, or the gathers in the loss would hang
-            if int(dist_utils.all_reduce_sum(torch.tensor(int(is_empty_batch(batch)), device=self.device))):
+            if dist_utils.any_rank(is_empty_batch(batch)):
                 continue
             out, terms = self._forward(self.model, batch)
             for k, v in terms.items():
