@@ -147,9 +147,12 @@ def test_uploaded_photo_gets_the_command_lines_embedding(served, tiny_pool, tmp_
         gradio_client, client = _client(url)  # a new page: a new dialogue
         _, gallery, texts, *_ = client.predict("look", gradio_client.handle_file(str(tmp_path / name)), 3,
                                                api_name="/send")
+        # the app's turn holds the text and the image: the same one turn for the command line
+        turn = {"conversation": [{"turn": [{"__TEXT__": "look"}, {"__MEDIA__": str(tmp_path / name)}]}]}
+        (tmp_path / "turn.json").write_text(json.dumps(turn))
         cli = run_json(capsys, ["--model-dir", str(tiny_pool.model_dir), "--images", str(tiny_pool.images),
-                                "--texts", str(tiny_pool.texts_file), "--query", "look",
-                                "--query-image", str(tmp_path / name), "-k", "3", "--json", "--device", "cpu"])
+                                "--texts", str(tiny_pool.texts_file), "--dialogue", str(tmp_path / "turn.json"),
+                                "-k", "3", "--json", "--device", "cpu"])
         assert [g["caption"].split()[-1] for g in gallery] == [x["id"] for x in cli["images"]], name
         assert [float(g["caption"].split()[1]) for g in gallery] == pytest.approx(
             [x["score"] for x in cli["images"]], abs=2e-3), name
