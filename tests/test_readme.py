@@ -39,7 +39,7 @@ def test_use_a_trained_model_block_runs(tiny_pool, tmp_path, monkeypatch):
 
     images = load_image_embeddings(tiny_pool.images)
     pieces = [namespace["dialogue"][0], load_rgb_image(tmp_path / "my_circle.png"), namespace["dialogue"][2]]
-    ref_img, ref_txt = reference(tiny_pool.model, pieces, images, namespace["texts"], 3)
+    ref_img, ref_txt = reference(tiny_pool.model, pieces, images, namespace["texts"], 3, raw=True)
     expected = [f"image {s:.3f}  {i}" for i, s in ref_img] + [f"text  {s:.3f}  {t}" for t, s in ref_txt]
     lines = out.getvalue().splitlines()
     assert len(lines) == 6

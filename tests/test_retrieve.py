@@ -17,12 +17,13 @@ from unimur.embeddings import load_image_embeddings, save_fromage_pickle
 REPO = Path(__file__).resolve().parents[1]
 
 
-def reference(model, turns, images, texts, k):
+def reference(model, turns, images, texts, k, raw=False):
     """Top-k (id, cosine) of the pool images and texts for one dialogue (its turns' pieces, laid
-    out as FROMAGe prompts a dialogue, the default), by full sort."""
+    out as FROMAGe prompts a dialogue, the commands' default; ``raw``: ``turns`` is already the
+    list of pieces, as `Retriever.retrieve` takes it), by full sort."""
     from unimur.prompting import layout
 
-    pieces = layout(turns, "dialogue")
+    pieces = turns if raw else layout(turns, "dialogue")
     with torch.no_grad():
         u = model.encode_context([pieces]).float()[0]
         s_img = images.embeds.float() @ u
