@@ -182,11 +182,6 @@ def evaluate(model, evaluation: str, data: dict[str, Path], labels, cfg: demo.De
         else:
             results = evaluate_mmdialog(embedder, data["mmdialog_dir"], image_rule=e.image_rule,
                                         text_ranking=e.text_ranking, image_threshold=threshold, **rules)
-            # the rate from its integer counts: code before 2026-12-06 averaged a float32 tensor
-            # (0.9900000095 for 297/300), which the exact per-query check would refuse
-            c = results["counts"]
-            if c["queries_evaluated"]:
-                results["metrics"]["image_retrieval_rate"] = c["image_outputs"] / c["queries_evaluated"]
             keys, per_query = mmdialog_per_query(results, labels)
             out["examples"] = [{k: ex.get(k) for k in ("conversation_id", "prompt", "generated_text",
                                                        "image_output", "gt_has_image")}

@@ -271,24 +271,16 @@ class Retriever:
         """Top-``k`` images and texts for each context (a list of pieces: text, PIL images,
         W_cap input features), best first."""
         u = self.embedder.embed_queries(contexts)
-        return self._results(u, k)
+        images = self.rank_images(u, k)
+        texts: list[list[tuple[str, float]]] = [[] for _ in range(u.shape[0])]
+        if self.text_embeds is not None:
+            scores, idx = topk_chunked(u, self.text_embeds.to(u.device), k)
+            texts = [[(self.texts[int(i)], float(s)) for s, i in zip(scores[q], idx[q])] for q in range(u.shape[0])]
+        return [RetrievalResult(i, t) for i, t in zip(images, texts)]
 
     def rank_images(self, u: torch.Tensor, k: int = 5) -> list[list[tuple[str, float]]]:
-        """Top-``k`` (image id, cosine) per row of ``u`` (B, E): e.g. a generated [RET]'s embedding."""
+        """Top-``k`` (image id, cosine) per row of ``u`` (B, E): a context's, or a generated [RET]'s."""
         if self.images is None:
             return [[] for _ in range(u.shape[0])]
         scores, idx = topk_chunked(u.to(self.images.embeds.dtype), self.images.embeds.to(u.device), k)
         return [[(self.images.ids[int(i)], float(s)) for s, i in zip(scores[q], idx[q])] for q in range(u.shape[0])]
-
-    def _results(self, u: torch.Tensor, k: int) -> list[RetrievalResult]:
-        img = txt = None
-        if self.images is not None:
-            img = topk_chunked(u, self.images.embeds.to(u.device), k)
-        if self.text_embeds is not None:
-            txt = topk_chunked(u, self.text_embeds.to(u.device), k)
-        results = []
-        for q in range(u.shape[0]):
-            images = [(self.images.ids[int(i)], float(s)) for s, i in zip(*[t[q] for t in img])] if img else []
-            texts = [(self.texts[int(i)], float(s)) for s, i in zip(*[t[q] for t in txt])] if txt else []
-            results.append(RetrievalResult(images, texts))
-        return results
