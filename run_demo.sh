@@ -30,7 +30,7 @@ python -m pip install -q --no-deps -r requirements-nodeps.txt -r requirements-de
 
 # The demo ends by printing the retrieve and web-app commands on its own model and pools.
 status=0
-HF_HUB_OFFLINE=1 python -m unimur.demo "$@" || status=$?
+HF_HUB_OFFLINE=1 python -m unimur_demo.pipeline "$@" || status=$?
 if [ "$status" -eq 0 ] && [ -n "$demo_env" ]; then
     echo "(run those commands in the demo's environment: . $demo_env/bin/activate)"
 fi

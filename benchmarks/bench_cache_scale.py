@@ -35,8 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from torch.utils.data import DataLoader, RandomSampler  # noqa: E402
 
-from unimur import feature_cache as fc  # noqa: E402
-from unimur.data import CaptionRow, ImageChecks, RowTable  # noqa: E402
+from unimur.data import feature_cache as fc  # noqa: E402
+from unimur.data.cc3m import CaptionRow, ImageChecks, RowTable  # noqa: E402
 
 MODES = {"after": {"dtype": "fp16", "shard_fingerprint": True, "verify": False},
          "before": {"dtype": "fp32", "shard_fingerprint": False, "verify": True}}
@@ -60,7 +60,7 @@ def synthetic_rows(n: int, image_dir: Path) -> RowTable:
 
 
 def shard_fingerprint(n: int) -> str:
-    """What unimur.sources computes for img2dataset shards of 10,000 rows (stats of each index file)."""
+    """What unimur.data.cc3m_sources computes for img2dataset shards of 10,000 rows (stats of each index file)."""
     files = [[f"{s:05d}.parquet", 400_000, 1_700_000_000_000_000_000 + s] for s in range((n + 9999) // 10000)]
     return "bench:" + json.dumps(files)[:64] + str(len(files))
 

@@ -32,14 +32,14 @@ from PIL import Image, ImageDraw  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, no install
-from unimur.backbones import load_encoders  # noqa: E402
-from unimur.data import CaptionCollator, CaptionDataset, read_caption_tsv  # noqa: E402
-from unimur.feature_cache import (  # noqa: E402
+from unimur.model.backbones.hub import load_encoders  # noqa: E402
+from unimur.data.cc3m import CaptionCollator, CaptionDataset, read_caption_tsv  # noqa: E402
+from unimur.data.feature_cache import (  # noqa: E402
     CachedCaptionDataset,
     build_feature_cache,
     load_feature_cache,
 )
-from unimur.tokenizer import build_tokenizer  # noqa: E402
+from unimur.model.tokenizer import build_tokenizer  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -1,4 +1,4 @@
-"""Throughput and peak memory of ``unimur.retrieval.topk_chunked`` vs a full-matrix baseline.
+"""Throughput and peak memory of ``unimur.ranking.topk_chunked`` vs a full-matrix baseline.
 
 The baseline is the plain approach: ``s = q @ index.T`` ([Q, N] at once), then
 ``torch.argsort(s, dim=1, descending=True, stable=True)[:, :k]``. Each method runs in its own
@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, no install
-from unimur.retrieval import topk_chunked  # noqa: E402
+from unimur.ranking import topk_chunked  # noqa: E402
 
 METHODS = ("chunked", "baseline")
 _RESULT_TAG = "RESULT "

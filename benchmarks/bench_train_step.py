@@ -33,9 +33,9 @@ import torch.nn.functional as F  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from unimur.config import LossConfig, ModelConfig  # noqa: E402
-from unimur.loss import UniMuRLoss  # noqa: E402
-from unimur.model import UniMuR  # noqa: E402
-from unimur.tokenizer import tokenize_captions  # noqa: E402
+from unimur.train.loss import UniMuRLoss  # noqa: E402
+from unimur.model.model import UniMuR  # noqa: E402
+from unimur.model.tokenizer import tokenize_captions  # noqa: E402
 
 WORDS = "a large red circle on the left of a small blue square above a green star near the top".split()
 
@@ -159,7 +159,7 @@ def main(argv=None):
     t_ret_split = timeit(lambda: retrieval_pass(True), args.repeats)
     t_ret_full = timeit(lambda: retrieval_pass(False), args.repeats)
     if args.compile:
-        from unimur.backbones import compile_llm
+        from unimur.model.backbones.hub import compile_llm
 
         compile_llm(llm)
         t0 = time.perf_counter()

@@ -3,7 +3,7 @@
     python benchmarks/compare_methods.py [--out compare_run] [--quick] [--seeds 0 1 2 3 4]
 
 On the demo's synthetic data and pretrained offline backbones (SmolLM2-135M, EfficientNet-Lite0,
-all-MiniLM-L6-v2; see ``unimur/demo.py``), with one feature cache for all runs, this:
+all-MiniLM-L6-v2; see ``unimur_demo/pipeline.py``), with one feature cache for all runs, this:
 
 1. trains, per seed, UniMuR and FROMAGe (``--method fromage``: CL + LMret + VM), and with
    ``--variants unimur fromage no_tm no_vm [no_cl]`` on the first ``--ablation-seeds`` seeds
@@ -18,12 +18,12 @@ all-MiniLM-L6-v2; see ``unimur/demo.py``), with one feature cache for all runs, 
    tokens (cut at the first newline), retrieved with that [RET]'s state. UniMuR is also
    evaluated with an image threshold chosen on a validation split, and under FROMAGe's rules;
 3. reports every metric as mean +- std over the seeds, and UniMuR - FROMAGe as a paired
-   difference with a 95% interval over seeds and queries (``unimur.compare_stats``), each claim
+   difference with a 95% interval over seeds and queries (``unimur.evaluation.paired_bootstrap``), each claim
    of the paper's abstract marked holds / does not hold / within noise after Holm's correction;
 4. writes ``<out>/results/comparison.json`` and ``comparison.png`` (bars: mean, error bars: std).
 
 Every model of the comparison shares the frozen backbones, so their frozen passes (image
-features, the LLM over text-only contexts) are computed once (``unimur.shared_passes``).
+features, the LLM over text-only contexts) are computed once (``unimur.inference.frozen_pass_memo``).
 A finished run's results are kept under ``<out>/results/runs`` and reused when the command is
 run again with the same code (a hash of ``unimur/`` and ``main.py``) and settings (an
 interrupted comparison resumes where it stopped); ``provenance`` in the JSON says which.
@@ -45,18 +45,18 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from unimur import demo  # noqa: E402  (sets HF_HUB_OFFLINE before transformers loads)
+from unimur_demo import pipeline as demo  # noqa: E402  (sets HF_HUB_OFFLINE before transformers loads)
 import numpy as np  # noqa: E402
 
-from unimur.compare_stats import PerQuery, paired_difference  # noqa: E402
-from unimur.comparison import (  # noqa: E402
+from unimur.evaluation.paired_bootstrap import PerQuery, paired_difference  # noqa: E402
+from unimur.evaluation.comparison import (  # noqa: E402
     EVALUATIONS, JOINT_METRICS, METRICS, VARIANTS, claims_table, fmt_interval, joint, mmdialog_per_query,
     summarise, visdial_per_query,
 )
 
 logger = logging.getLogger("compare_methods")
 
-# The demo's recipe (unimur/demo.py DEFAULT) on evaluation sets large enough for intervals to
+# The demo's recipe (unimur_demo/pipeline.py DEFAULT) on evaluation sets large enough for intervals to
 # mean something: 300 VisDial dialogues (pool of 300 images) and 300 MMDialog dialogues (19
 # negatives per modality, a pool of 20; the demo's 49 would more than double the cost of
 # FROMAGe's likelihood ranking, which scores every candidate text with the LLM). Training:
@@ -105,7 +105,7 @@ class Runs:
 
     def model(self, variant: str, seed: int, data: dict[str, Path]) -> Path:
         """The pruned model of (variant, seed): trained now unless an earlier run left it."""
-        from unimur.prune_model_ckpt import prune
+        from unimur.train.export import prune
 
         name = f"{variant}_s{seed}"
         model_dir = self.out / "models" / name
@@ -153,8 +153,8 @@ def evaluate(model, evaluation: str, data: dict[str, Path], labels, cfg: demo.De
              validation: dict[str, Any] | None = None) -> dict:
     """One model under one evaluation's rules: the evaluations' metrics and per-query arrays
     (``validation``: the split and labels a threshold rule is chosen on)."""
-    from unimur.evaluation import evaluate_mmdialog, evaluate_visdial
-    from unimur.response_rules import best_threshold
+    from unimur.evaluation.api import evaluate_mmdialog, evaluate_visdial
+    from unimur.inference.rules import best_threshold
 
     e = EVALUATIONS[evaluation]
     embedder = demo._embedder(model, cfg.eval_batch_size, memo)
@@ -291,9 +291,9 @@ def plot(summary: dict, order: list[str], path: Path) -> None:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    from unimur import offline_backbones
-    from unimur.shared_passes import FrozenPassMemo
-    from unimur.synthetic import mmdialog_attribute_labels
+    from unimur.model.backbones import offline as offline_backbones
+    from unimur.inference.frozen_pass_memo import FrozenPassMemo
+    from unimur.data.synthetic.generator import mmdialog_attribute_labels
 
     cfg = QUICK if args.quick else FULL
     out = Path(args.out)
@@ -362,14 +362,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "memo": {**dict(memo.stats), "prefix_mib": round(memo.prefix_bytes / 2**20, 1)},
         "torch_threads": torch.get_num_threads(), "table": table,
         "notes": [
-            "recipe: unimur/demo.py's (frozen SmolLM2-135M + EfficientNet-Lite0 + all-MiniLM-L6-v2, "
+            "recipe: unimur_demo/pipeline.py's (frozen SmolLM2-135M + EfficientNet-Lite0 + all-MiniLM-L6-v2, "
             f"l_vm=2) with the captioning pass (l_cap={cfg.l_cap}, concatenated captions p=0.5) and "
             f"{cfg.epochs * cfg.steps_per_epoch} steps of {cfg.batch_size}; the last step's weights",
             "VisDial R@k forces [RET] after the dialogue for both methods (as both papers evaluate it)",
             "MMDialog consistency is the attribute consistency (the offline encoders share no "
             "image-text space, so no CLIP cosine)",
             "intervals: seed variance + query-bootstrap variance, Student's t over seeds "
-            "(unimur/compare_stats.py), in points of %; verdicts Holm-adjusted over the claims table",
+            "(unimur/evaluation/paired_bootstrap.py), in points of %; verdicts Holm-adjusted over the claims table",
         ],
     }
     results_dir = out / "results"

@@ -113,8 +113,8 @@ def main(argv=None) -> None:
     ap.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="further main.py flags")
     args = ap.parse_args(argv)
     import main as main_module
-    from unimur import trainer as trainer_module
-    from unimur.synthetic import generate
+    from unimur.train import trainer as trainer_module
+    from unimur.data.synthetic.generator import generate
 
     # one folder for all ranks (torchrun: a fixed one under the temp dir, per master port)
     default = (Path(tempfile.gettempdir()) / f"syncs-{os.environ['MASTER_PORT']}" if "MASTER_PORT" in os.environ

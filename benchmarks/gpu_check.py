@@ -24,11 +24,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from unimur.backbones import DTYPES, freeze, llm_config, load_encoders, load_llm  # noqa: E402
+from unimur.model.backbones.hub import DTYPES, freeze, llm_config, load_encoders, load_llm  # noqa: E402
 from unimur.config import LossConfig, ModelConfig  # noqa: E402
-from unimur.loss import UniMuRLoss  # noqa: E402
-from unimur.model import UniMuR  # noqa: E402
-from unimur.tokenizer import build_tokenizer, tokenize_captions  # noqa: E402
+from unimur.train.loss import UniMuRLoss  # noqa: E402
+from unimur.model.model import UniMuR  # noqa: E402
+from unimur.model.tokenizer import build_tokenizer, tokenize_captions  # noqa: E402
 
 from bench_train_step import timeit as timed  # noqa: E402  (benchmarks/ is on sys.path)
 

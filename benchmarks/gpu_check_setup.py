@@ -29,8 +29,8 @@ logger = logging.getLogger("gpu_check_setup")
 def write_llm(folder: Path, shape: str, dtype: torch.dtype, device: torch.device) -> None:
     from transformers import AutoModelForCausalLM
 
-    from unimur.backbones import llm_config, tiny_opt_config
-    from unimur.tokenizer import build_tokenizer
+    from unimur.model.backbones.hub import llm_config, tiny_opt_config
+    from unimur.model.tokenizer import build_tokenizer
 
     if (folder / "config.json").is_file():
         return
@@ -54,7 +54,7 @@ def write_clip(path: Path, arch: str) -> None:
 
 
 def write_data(folder: Path, rows: int, val_rows: int) -> None:
-    from unimur.synthetic import generate
+    from unimur.data.synthetic.generator import generate
 
     if (folder / "done").is_file():
         return
@@ -75,7 +75,7 @@ def main(argv=None) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    from unimur.backbones import DTYPES
+    from unimur.model.backbones.hub import DTYPES
 
     for what, make in (("LLM folder", lambda: write_llm(out / "llm", args.llm, DTYPES[args.dtype], device)),
                        ("CLIP weights", lambda: write_clip(out / "clip.pt", args.clip)),

@@ -14,7 +14,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from unimur.config import ModelConfig  # noqa: E402
-from unimur.model import UniMuR  # noqa: E402
+from unimur.model.model import UniMuR  # noqa: E402
 
 
 def build_meta(model_cfg_kwargs: dict, llm: str, visual_model: str):

@@ -10,11 +10,11 @@ from typing import Any, Sequence
 
 import torch
 
-from unimur.embeddings import ImageEmbeddings
+from unimur.inference.image_embeddings import ImageEmbeddings
 from unimur.errors import UniMuRError, explain_backbone_errors
 from unimur.errors import run_cli as _run_cli
-from unimur.eval_report import format_table, save_examples_png, write_results
-from unimur.retriever import Embedder
+from unimur.evaluation.report import format_table, save_examples_png, write_results
+from unimur.inference.retriever import Embedder
 
 logger = logging.getLogger("evals")
 # ==============================================================================================
@@ -71,10 +71,10 @@ def check_model_dir(model_dir: str | Path) -> Path:
 
 def load_embedder(model_dir: str | Path, device: str | None = None, batch_size: int = 64,
                   num_workers: int = 0, progress: bool = True, image_resize: str = "crop"):
-    """A :class:`~unimur.retriever.ModelEmbedder` over the pruned model in ``model_dir``."""
-    from unimur.model import UniMuR
-    from unimur.pretrained import read_model_config
-    from unimur.retriever import ModelEmbedder
+    """A :class:`~unimur.inference.retriever.ModelEmbedder` over the pruned model in ``model_dir``."""
+    from unimur.model.model import UniMuR
+    from unimur.model.pretrained import read_model_config
+    from unimur.inference.retriever import ModelEmbedder
 
     model_dir = check_model_dir(model_dir)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")

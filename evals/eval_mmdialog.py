@@ -24,15 +24,15 @@ from typing import Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without PYTHONPATH
 
-from unimur.embeddings import check_widths, finite_rows, load_image_embeddings, model_widths  # noqa: E402
+from unimur.inference.image_embeddings import check_widths, finite_rows, load_image_embeddings, model_widths  # noqa: E402
 from evals.common import (add_common_args, check_embeddings_model, check_model_dir, load_embedder,  # noqa: E402
                           model_info, report, require_path, run_cli)
-from unimur.evaluation import MMDIALOG_NEGATIVES, evaluate_mmdialog  # noqa: E402
-from unimur.mmdialog import TARGETS, MMDialogStream, conversations_path  # noqa: E402
-from unimur.prompting import DEFAULT_PROMPT_STYLE, PROMPT_STYLES  # noqa: E402
-from unimur.response_rules import IMAGE_RULES, RET_MAX_TOKENS, TEXT_RANKINGS, response_rules  # noqa: E402
-from unimur.pretrained import read_model_config  # noqa: E402
-from unimur.synthetic import mmdialog_attribute_labels  # noqa: E402
+from unimur.evaluation.api import MMDIALOG_NEGATIVES, evaluate_mmdialog  # noqa: E402
+from unimur.data.mmdialog import TARGETS, MMDialogStream, conversations_path  # noqa: E402
+from unimur.inference.prompting import DEFAULT_PROMPT_STYLE, PROMPT_STYLES  # noqa: E402
+from unimur.inference.rules import IMAGE_RULES, RET_MAX_TOKENS, TEXT_RANKINGS, response_rules  # noqa: E402
+from unimur.model.pretrained import read_model_config  # noqa: E402
+from unimur.data.synthetic.generator import mmdialog_attribute_labels  # noqa: E402
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

@@ -19,8 +19,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 
 from evals.common import (add_common_args, check_model_dir, load_embedder, model_info, report,  # noqa: E402
                           require_path, run_cli)
-from unimur.evaluation import evaluate_visdial  # noqa: E402
-from unimur.visdial import CONTEXTS, load_visdial, visdial_paths  # noqa: E402
+from unimur.evaluation.api import evaluate_visdial  # noqa: E402
+from unimur.data.visdial import CONTEXTS, load_visdial, visdial_paths  # noqa: E402
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

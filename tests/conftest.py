@@ -27,8 +27,8 @@ def tiny_model_config():
 @pytest.fixture(scope="session")
 def tiny_backbones():
     """(llm, encoders, tokenizer, ret_id): built once; frozen, so safe to share."""
-    from unimur.backbones import load_encoders, load_llm
-    from unimur.tokenizer import build_tokenizer
+    from unimur.model.backbones.hub import load_encoders, load_llm
+    from unimur.model.tokenizer import build_tokenizer
 
     tok, ret_id = build_tokenizer("tiny-opt")
     return load_llm("tiny-opt"), load_encoders("tiny-clip"), tok, ret_id
@@ -36,7 +36,7 @@ def tiny_backbones():
 
 @pytest.fixture
 def tiny_model(tiny_model_config, tiny_backbones):
-    from unimur.model import UniMuR
+    from unimur.model.model import UniMuR
 
     llm, enc, tok, ret_id = tiny_backbones
     torch.manual_seed(0)
@@ -57,10 +57,10 @@ def tiny_pool(tmp_path_factory, tiny_model_config, tiny_backbones):
 
     from PIL import Image, ImageDraw
 
-    from unimur.embeddings import save_image_embeddings
-    from unimur.model import UniMuR
-    from unimur.pretrained import save_pretrained
-    from unimur.retriever import ModelEmbedder
+    from unimur.inference.image_embeddings import save_image_embeddings
+    from unimur.model.model import UniMuR
+    from unimur.model.pretrained import save_pretrained
+    from unimur.inference.retriever import ModelEmbedder
 
     root = tmp_path_factory.mktemp("pool")
     torch.manual_seed(0)

@@ -1,4 +1,4 @@
-"""The web demo (`python -m unimur.app`): started on a loopback port and queried through Gradio's
+"""The web demo (`python -m unimur.commands.app`): started on a loopback port and queried through Gradio's
 client API, its answers checked against a brute-force reference. Skipped without gradio
 (pip install -r requirements-app.txt)."""
 import json
@@ -6,7 +6,7 @@ import socket
 
 import pytest
 
-from unimur import app as app_module
+from unimur.commands import app as app_module
 
 
 def test_missing_gradio_is_one_error_line(monkeypatch, capsys):
@@ -42,7 +42,7 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def served(request):
     pytest.importorskip("gradio", reason="the web demo needs gradio (requirements-app.txt)")
-    from unimur.retrieve import Session
+    from unimur.inference.session import Session
 
     tiny_pool = request.getfixturevalue("tiny_pool")  # built only when gradio is there
 
@@ -66,7 +66,7 @@ def test_server_listens_on_loopback_only(served):
 def test_retrieve_endpoint_matches_the_reference(served, tiny_pool):
     from test_retrieve import reference
 
-    from unimur.embeddings import load_image_embeddings
+    from unimur.inference.image_embeddings import load_image_embeddings
 
     _, _, url = served
     _, client = _client(url)
@@ -90,8 +90,8 @@ def test_retrieve_endpoint_matches_the_reference(served, tiny_pool):
 def test_chat_turns_accumulate_and_show_the_reference_answer(served, tiny_pool):
     from test_retrieve import reference
 
-    from unimur.data import load_rgb_image
-    from unimur.embeddings import load_image_embeddings
+    from unimur.data.cc3m import load_rgb_image
+    from unimur.inference.image_embeddings import load_image_embeddings
 
     _, _, url = served
     gradio_client, client = _client(url)
@@ -117,7 +117,7 @@ def test_page_opens_with_the_given_dialogue_answered(served, tiny_pool):
     import gradio as gr
     from test_retrieve import reference
 
-    from unimur.embeddings import load_image_embeddings
+    from unimur.inference.image_embeddings import load_image_embeddings
 
     session = served[0]
     turns = [[("text", "look at this"), ("image", "green_square")], [("text", "one more?")]]
@@ -133,7 +133,7 @@ def test_page_opens_with_the_given_dialogue_answered(served, tiny_pool):
 
 def test_uploaded_photo_gets_the_command_lines_embedding(served, tiny_pool, tmp_path, capsys):
     """EXIF orientation and alpha: the app reads the uploaded file with the project's loader,
-    so its answer equals `unimur.retrieve --query-image` on the same file."""
+    so its answer equals `unimur.inference.session --query-image` on the same file."""
     from PIL import Image
     from test_data import _sideways_jpeg
     from test_retrieve import run_json

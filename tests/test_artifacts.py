@@ -8,14 +8,14 @@ import pytest
 import torch
 from PIL import Image
 
-from unimur.checkpoint import atomic_torch_save
+from unimur.train.checkpoint import atomic_torch_save
 from unimur.config import Config
-from unimur.embeddings import load_image_embeddings, save_fromage_pickle
-from unimur.extract_vis_emb import extract, list_images
-from unimur.model import UniMuR
-from unimur.prune_model_ckpt import prune
-from unimur.retrieval import topk_chunked
-from unimur.retriever import ModelEmbedder, Retriever
+from unimur.inference.image_embeddings import load_image_embeddings, save_fromage_pickle
+from unimur.inference.extract import extract, list_images
+from unimur.model.model import UniMuR
+from unimur.train.export import prune
+from unimur.ranking import topk_chunked
+from unimur.inference.retriever import ModelEmbedder, Retriever
 
 ROOT = Path(__file__).resolve().parents[1]
 CONTEXTS = [["Q: what colour is the circle? A: red."], ["a blue square", "on the left"]]
@@ -155,7 +155,7 @@ def test_merge_of_parts_equals_one_shot_file(tmp_path, dtype):
     """extract_vis_emb's bounded merge (part by part, tensors never concatenated in memory)
     writes the file save_image_embeddings writes for the whole collection, byte for byte; an
     empty part (every image unreadable) and a tensor missing from one part are handled."""
-    from unimur.embeddings import ImageEmbeddings, save_image_embeddings, save_image_embeddings_from_parts
+    from unimur.inference.image_embeddings import ImageEmbeddings, save_image_embeddings, save_image_embeddings_from_parts
 
     g = torch.Generator().manual_seed(0)
     n = 11
@@ -203,7 +203,7 @@ def test_prune_onto_a_run_folder_is_refused_and_keeps_the_runs_config(trained, t
 
 @pytest.mark.parametrize("name", ["model.safetensors", "manifest.json", "config.json", "tokenizer/vocab.json"])
 def test_extraction_onto_a_model_folder_file_is_refused(trained, images, tmp_path, name):
-    from unimur.extract_vis_emb import main as extract_main
+    from unimur.inference.extract import main as extract_main
     from unimur.errors import run_cli
 
     _, ckpt = trained

@@ -3,8 +3,8 @@ import pytest
 
 import main as main_module
 from test_trainer import read_metrics, tiny_args
-from unimur.cli import parse_args
-from unimur.sampling import GlobalBatchSampler
+from unimur.commands.train_flags import parse_args
+from unimur.train.sampling import GlobalBatchSampler
 
 
 def test_ret_loss_scale_scales_lm_and_contrastive_in_fromage_mode():
@@ -67,7 +67,7 @@ def test_whole_set_sampler_covers_every_row_once_in_rank_order(n, gb, world):
 
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory):
-    from unimur.synthetic import generate
+    from unimur.data.synthetic.generator import generate
 
     return generate(tmp_path_factory.mktemp("syn"), seed=0, n_train=96, n_val=32, n_visdial=4, n_mmdialog=4,
                     image_size=32, n_negatives=8)

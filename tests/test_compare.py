@@ -1,4 +1,4 @@
-"""The comparison's statistics and per-query metrics (unimur/compare_stats.py, unimur/comparison.py)."""
+"""The comparison's statistics and per-query metrics (unimur/evaluation/paired_bootstrap.py, unimur/evaluation/comparison.py)."""
 
 import math
 import os
@@ -6,9 +6,9 @@ import os
 import numpy as np
 import pytest
 
-from unimur.compare_stats import PerQuery, holm, mean_std, paired_difference, verdict
-from unimur.comparison import claims_table, joint, mmdialog_per_query, summarise, visdial_per_query
-from unimur.synthetic import AttributeLabels
+from unimur.evaluation.paired_bootstrap import PerQuery, holm, mean_std, paired_difference, verdict
+from unimur.evaluation.comparison import claims_table, joint, mmdialog_per_query, summarise, visdial_per_query
+from unimur.data.synthetic.generator import AttributeLabels
 
 
 def _pq(num, den=None):
@@ -148,8 +148,8 @@ def test_evaluations_give_per_query_arrays_that_match_their_results(tmp_path, ti
     `evaluate` itself raises if a per-query array disagrees with the evaluation's figure."""
     import dataclasses
 
-    from unimur import synthetic
-    from unimur.shared_passes import FrozenPassMemo
+    from unimur.data.synthetic import generator as synthetic
+    from unimur.inference.frozen_pass_memo import FrozenPassMemo
 
     cm = _compare_module()
     data = synthetic.generate(tmp_path / "d", 0, n_train=0, n_val=0, n_visdial=5, n_mmdialog=6,
@@ -191,7 +191,7 @@ def test_quick_comparison_end_to_end(tmp_path):
     import sys
     from pathlib import Path
 
-    from unimur.demo import DEMO_MODULES, missing_modules
+    from unimur_demo.pipeline import DEMO_MODULES, missing_modules
 
     if missing_modules(DEMO_MODULES):
         pytest.skip("the demo weight packages are not installed")

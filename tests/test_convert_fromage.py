@@ -4,8 +4,8 @@ import json
 import torch
 
 from unimur.config import ModelConfig
-from unimur.convert_fromage import convert
-from unimur.model import UniMuR
+from unimur.commands.convert_fromage import convert
+from unimur.model.model import UniMuR
 
 
 def test_fromage_checkpoint_converts_to_identical_embeddings(tiny_backbones, tmp_path):
@@ -57,7 +57,7 @@ def test_bad_fromage_inputs_end_in_one_error_line_without_unsafe_advice(tmp_path
             "retrieval_token_idx": 5}
 
     def run() -> str:
-        r = subprocess.run([sys.executable, "unimur/convert_fromage.py", "--fromage-dir", str(src),
+        r = subprocess.run([sys.executable, "unimur/commands/convert_fromage.py", "--fromage-dir", str(src),
                             "--output", str(tmp_path / "out")], cwd=root, capture_output=True, text=True,
                            env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
         assert r.returncode == 1 and r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, r.stderr

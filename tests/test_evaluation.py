@@ -12,11 +12,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from unimur.embeddings import ImageEmbeddings, save_image_embeddings
-from unimur.eval_report import format_table, save_examples_png, write_results
-from unimur.evaluation import evaluate_mmdialog, evaluate_visdial
-from unimur.mmdialog import media_path
-from unimur.visdial import visdial_image_path
+from unimur.inference.image_embeddings import ImageEmbeddings, save_image_embeddings
+from unimur.evaluation.report import format_table, save_examples_png, write_results
+from unimur.evaluation.api import evaluate_mmdialog, evaluate_visdial
+from unimur.data.mmdialog import media_path
+from unimur.data.visdial import visdial_image_path
 
 # ----------------------------------------------------------------------------------------------
 # A stub embedder over named axes
@@ -382,9 +382,9 @@ N_VISDIAL, N_MMDIALOG, N_NEGATIVES = 8, 6, 20
 
 @pytest.fixture(scope="module")
 def e2e(tmp_path_factory, tiny_model_config, tiny_backbones):
-    from unimur.model import UniMuR
-    from unimur.pretrained import save_pretrained
-    from unimur.synthetic import generate
+    from unimur.model.model import UniMuR
+    from unimur.model.pretrained import save_pretrained
+    from unimur.data.synthetic.generator import generate
 
     root = tmp_path_factory.mktemp("e2e")
     torch.manual_seed(0)
@@ -422,7 +422,7 @@ def test_eval_visdial_script(e2e, tmp_path):
 
 def test_eval_mmdialog_script(e2e, tmp_path):
     from evals import eval_mmdialog
-    from unimur.retriever import ModelEmbedder
+    from unimur.inference.retriever import ModelEmbedder
 
     root, paths, model = e2e
     args = ["--model-dir", str(root / "unimur_model"), "--mmdialog-dir", str(paths["mmdialog_dir"]),
@@ -454,7 +454,7 @@ def test_eval_mmdialog_script(e2e, tmp_path):
 
 def other_model_dir(e2e, tmp_path) -> Path:
     """The e2e model with other trainable weights (same architecture and embedding size)."""
-    from unimur.pretrained import save_pretrained
+    from unimur.model.pretrained import save_pretrained
 
     _, _, model = e2e
     state = {k: v + 0.5 for k, v in model.trainable_state_dict().items()}
@@ -464,7 +464,7 @@ def other_model_dir(e2e, tmp_path) -> Path:
 def test_embeddings_of_another_model_are_refused_unless_allowed(e2e, tmp_path, capsys, monkeypatch):
     from evals import eval_mmdialog
     from evals.common import run_cli
-    from unimur.extract_vis_emb import extract, list_images
+    from unimur.inference.extract import extract, list_images
 
     root, paths, _ = e2e
     model_dir, other = root / "unimur_model", other_model_dir(e2e, tmp_path)
@@ -526,8 +526,8 @@ def test_eval_scripts_read_their_data_before_loading_the_model(e2e, tmp_path, ca
 
 def test_fromage_model_reports_images_only(e2e, tiny_backbones):
     from unimur.config import ModelConfig
-    from unimur.model import UniMuR
-    from unimur.retriever import ModelEmbedder
+    from unimur.model.model import UniMuR
+    from unimur.inference.retriever import ModelEmbedder
 
     _, paths, _ = e2e
     config = ModelConfig(method="fromage", target_proj="linear", llm="tiny-opt", visual_model="tiny-clip")

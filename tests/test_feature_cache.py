@@ -18,10 +18,10 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from unimur import feature_cache as fc
-from unimur.backbones import load_encoders
-from unimur.data import CaptionCollator, CaptionRow, ImageChecks, load_rgb_image, read_caption_tsv
-from unimur.feature_cache import (
+from unimur.data import feature_cache as fc
+from unimur.model.backbones.hub import load_encoders
+from unimur.data.cc3m import CaptionCollator, CaptionRow, ImageChecks, load_rgb_image, read_caption_tsv
+from unimur.data.feature_cache import (
     CachedCaptionDataset,
     build_cached_cc3m_dataset,
     build_feature_cache,
@@ -29,7 +29,7 @@ from unimur.feature_cache import (
     cache_paths,
     load_or_build_feature_cache,
 )
-from unimur.tokenizer import build_tokenizer
+from unimur.model.tokenizer import build_tokenizer
 
 N_GOOD = 10
 BAD = {"tiny.png": "too_small", "truncated.jpg": "corrupt_image", "fake.jpg": "not_an_image"}
@@ -99,7 +99,7 @@ def _direct_features(encoders, rows):
 
 
 def _messages(caplog) -> str:
-    return "\n".join(r.getMessage() for r in caplog.records if r.name == "unimur.feature_cache")
+    return "\n".join(r.getMessage() for r in caplog.records if r.name == "unimur.data.feature_cache")
 
 
 # ------------------------------------------------------------------------------ tests
@@ -107,7 +107,7 @@ def _messages(caplog) -> str:
 
 def test_miss_then_hit_without_encoder_calls(data, encoders, tmp_path, caplog):
     _, _, rows = data
-    caplog.set_level(logging.INFO, logger="unimur.feature_cache")
+    caplog.set_level(logging.INFO, logger="unimur.data.feature_cache")
     enc = CountingEncoders(encoders)
     cache = load_or_build_feature_cache(rows, enc, tmp_path / "cache", batch_size=4)
     assert enc.calls["image"] > 0 and enc.calls["text"] > 0
@@ -149,7 +149,7 @@ def test_cached_features_equal_direct_encoding(data, encoders, tmp_path):
 def test_key_changes_invalidate(data, encoders, tmp_path, caplog):
     tsv, image_dir, rows = data
     cache_dir = tmp_path / "cache"
-    caplog.set_level(logging.INFO, logger="unimur.feature_cache")
+    caplog.set_level(logging.INFO, logger="unimur.data.feature_cache")
     load_or_build_feature_cache(rows, encoders, cache_dir)
 
     # Another encoder identity (other weights or preprocessing).
@@ -212,7 +212,7 @@ def test_corrupt_cache_is_rebuilt(data, encoders, tmp_path, caplog, damage, veri
         sidecar_path.write_text("{not json")
     else:
         data_path.unlink()
-    caplog.set_level(logging.INFO, logger="unimur.feature_cache")
+    caplog.set_level(logging.INFO, logger="unimur.data.feature_cache")
     enc = CountingEncoders(encoders)
     cache = load_or_build_feature_cache(rows, enc, cache_dir, verify_checksum=verify)
     assert enc.calls["image"] > 0
@@ -318,7 +318,7 @@ def test_old_format_version_is_rebuilt(data, encoders, tmp_path, caplog):
     _, sidecar_path = cache_paths(cache_dir)
     sidecar = json.loads(sidecar_path.read_text())
     sidecar_path.write_text(json.dumps({**sidecar, "version": 1}))
-    caplog.set_level(logging.INFO, logger="unimur.feature_cache")
+    caplog.set_level(logging.INFO, logger="unimur.data.feature_cache")
     enc = CountingEncoders(encoders)
     load_or_build_feature_cache(rows, enc, cache_dir)
     assert enc.calls["image"] > 0 and "format version 1" in _messages(caplog)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from test_evaluation import (KB, KG, KG2, KR, MM_NEG, assert_metrics, mm_stub, write_mmdialog)
-from unimur.evaluation import evaluate_mmdialog
+from unimur.evaluation.api import evaluate_mmdialog
 
 # scores a FROMAGe-like stub gives each (context keyword, candidate text): higher is likelier
 LOGLIK = {("show me red", "here red"): -1.0, ("green please", "green thing"): -0.5,
@@ -43,7 +43,7 @@ class FromageStub:
 def fixed_generations(flags, stub, contexts, u=None):
     """Generations with the given [RET] flags; the [RET]'s embedding is the query's own unless
     ``u`` gives one per context."""
-    from unimur.generative import Generations
+    from unimur.inference.generative import Generations
 
     ret = torch.tensor(flags)
     u = stub.embed_queries(contexts) if u is None else u
@@ -118,9 +118,9 @@ def test_rule_settings_are_checked(tmp_path):
 @pytest.fixture(scope="module")
 def fromage_model_dir(tmp_path_factory, tiny_backbones):
     from unimur.config import ModelConfig
-    from unimur.model import UniMuR
-    from unimur.pretrained import save_pretrained
-    from unimur.synthetic import generate
+    from unimur.model.model import UniMuR
+    from unimur.model.pretrained import save_pretrained
+    from unimur.data.synthetic.generator import generate
 
     root = tmp_path_factory.mktemp("fromage_e2e")
     torch.manual_seed(0)
@@ -157,7 +157,7 @@ def test_fromage_model_fills_every_cell_of_the_mmdialog_table(fromage_model_dir,
 
 def test_visdial_ret_token_rule(tmp_path):
     from test_evaluation import vd_stub, write_visdial
-    from unimur.evaluation import evaluate_visdial
+    from unimur.evaluation.api import evaluate_visdial
 
     stub = vd_stub()
     stub.generate_responses = lambda contexts, max_tokens=32: fixed_generations(

@@ -9,9 +9,9 @@ import torch.nn.functional as F
 import main as main_module
 from test_trainer import read_metrics, tiny_args, trainable
 from unimur.config import ModelConfig
-from unimur.model import UniMuR
-from unimur.packing import concat_pairs, concat_this_batch
-from unimur.tokenizer import tokenize_captions
+from unimur.model.model import UniMuR
+from unimur.model.packing import concat_pairs, concat_this_batch
+from unimur.model.tokenizer import tokenize_captions
 
 
 def test_concat_pairs_against_a_hand_built_batch():
@@ -119,7 +119,7 @@ def test_ret_typed_in_text_is_text(tiny_model):
 
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory):
-    from unimur.synthetic import generate
+    from unimur.data.synthetic.generator import generate
 
     return generate(tmp_path_factory.mktemp("syn"), seed=0, n_train=96, n_val=32, n_visdial=4, n_mmdialog=4,
                     image_size=32, n_negatives=8)
@@ -153,7 +153,7 @@ def test_evaluate_mode_validates_the_checkpoint_and_exits(synthetic, tmp_path):
 
 
 def test_pruned_model_carries_text_emb_layers(tiny_backbones, tmp_path):
-    from unimur.pretrained import save_pretrained
+    from unimur.model.pretrained import save_pretrained
 
     llm, enc, tok, ret_id = tiny_backbones
     torch.manual_seed(0)

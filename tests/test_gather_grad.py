@@ -8,8 +8,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from unimur.config import LossConfig
-from unimur.loss import symmetric_infonce
-from unimur.distributed import gather_features
+from unimur.train.loss import symmetric_infonce
+from unimur.utils.distributed import gather_features
 
 N, D, E = 8, 6, 4
 
@@ -62,7 +62,7 @@ def test_two_processes_against_one(mode, factor):
 
 
 def test_fromage_method_uses_fromages_gather_and_records_it():
-    from unimur.cli import parse_args
+    from unimur.commands.train_flags import parse_args
 
     _, unimur = parse_args([])
     _, fromage = parse_args(["--method", "fromage"])

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from unimur.generative import candidate_log_likelihoods, generate_responses
+from unimur.inference.generative import candidate_log_likelihoods, generate_responses
 
 CONTEXTS = [["Q: what color is the star? A: it's brown."],
             ["a picture of", torch.randn(64, generator=torch.Generator().manual_seed(0)), "two shapes"]]  # tiny-clip: 64-d W_cap input

@@ -12,10 +12,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from test_gather_grad import free_port
-from unimur import distributed as dist_utils
-from unimur.cli import parse_args
+from unimur.utils import distributed as dist_utils
+from unimur.commands.train_flags import parse_args
 from unimur.errors import UniMuRError, run_cli
-from unimur.precision import GPUInfo, check_precision
+from unimur.utils.precision import GPUInfo, check_precision
 
 ROOT = Path(__file__).resolve().parents[1]
 V100 = GPUInfo("Tesla V100-SXM2-32GB", (7, 0), 31.7)
@@ -39,10 +39,10 @@ def test_the_frozen_llm_follows_the_precision_unless_told(flags, dtype):
 
 def test_dry_run_on_v100s(tmp_path, monkeypatch, capsys):
     import main as main_module
-    import unimur.precision
+    import unimur.utils.precision
     from test_trainer import SEED_COMMAND
 
-    monkeypatch.setattr(unimur.precision, "detected_gpu", lambda index=0: V100)
+    monkeypatch.setattr(unimur.utils.precision, "detected_gpu", lambda index=0: V100)
     argv = [a.replace("exp_log/", f"{tmp_path}/exp_log/") for a in SEED_COMMAND] + ["--dry-run", "--nprocs", "4"]
     assert run_cli(main_module.main, argv) == 1  # the seed's bf16
     err = capsys.readouterr().err.strip().splitlines()
@@ -70,7 +70,7 @@ def test_dist_timeout_reaches_the_process_group(monkeypatch):
 
 
 def _shared_worker(rank, world, port, folders, out):
-    from unimur.feature_cache import check_shared_folder
+    from unimur.data.feature_cache import check_shared_folder
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
@@ -101,10 +101,10 @@ def test_a_cache_folder_not_shared_between_ranks_ends_in_one_line(tmp_path):
 
 
 def test_the_encoding_autocast_is_part_of_the_cache_key(tmp_path, caplog):
-    from unimur.backbones import load_encoders
-    from unimur.feature_cache import load_or_build_feature_cache
-    from unimur.synthetic import generate
-    from unimur.sources import read_split
+    from unimur.model.backbones.hub import load_encoders
+    from unimur.data.feature_cache import load_or_build_feature_cache
+    from unimur.data.synthetic.generator import generate
+    from unimur.data.cc3m_sources import read_split
 
     paths = generate(tmp_path / "syn", seed=0, n_train=6, n_val=2, n_visdial=1, n_mmdialog=1, image_size=32,
                      n_negatives=2)

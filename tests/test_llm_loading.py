@@ -21,8 +21,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def opt_folder(tmp_path_factory):
     from transformers import OPTForCausalLM
 
-    from unimur.backbones import tiny_opt_config
-    from unimur.tokenizer import build_tokenizer
+    from unimur.model.backbones.hub import tiny_opt_config
+    from unimur.model.tokenizer import build_tokenizer
 
     folder = tmp_path_factory.mktemp("opt")
     torch.manual_seed(1)
@@ -35,7 +35,7 @@ def opt_folder(tmp_path_factory):
 
 def test_folder_loads_through_the_training_path(opt_folder):
     from unimur.config import ModelConfig
-    from unimur.model import UniMuR
+    from unimur.model.model import UniMuR
 
     folder, reference = opt_folder
     model = UniMuR.build(ModelConfig(llm=str(folder), visual_model="tiny-clip"), device=torch.device("cpu"))
@@ -58,7 +58,7 @@ def test_accelerate_is_a_core_dependency():
 def test_without_accelerate_the_cpu_fails_like_a_gpu(opt_folder):
     folder, _ = opt_folder
     code = ("import sys; sys.modules['accelerate'] = None\n"  # hidden, as on a machine without it
-            "from unimur.backbones import load_llm\n"
+            "from unimur.model.backbones.hub import load_llm\n"
             f"load_llm({str(folder)!r}, device='cpu')\n")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)

@@ -3,8 +3,8 @@ import math
 import torch
 
 from unimur.config import LossConfig
-from unimur.loss import UniMuRLoss, symmetric_infonce
-from unimur.model import UniMuROutput
+from unimur.train.loss import UniMuRLoss, symmetric_infonce
+from unimur.model.model import UniMuROutput
 
 
 def reference_infonce(a, b, s):

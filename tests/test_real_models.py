@@ -9,14 +9,14 @@ import pytest
 import torch
 from torch import nn
 
-from unimur.backbones import llm_config, load_encoders, resolve_open_clip
+from unimur.model.backbones.hub import llm_config, load_encoders, resolve_open_clip
 from unimur.config import Config, ModelConfig
-from unimur.convert_fromage import convert
-from unimur.embeddings import load_image_embeddings
-from unimur.feature_cache import cache_key
-from unimur.model import UniMuR
-from unimur.prune_model_ckpt import prune
-from unimur.tokenizer import _gpt2_bpe_dir
+from unimur.commands.convert_fromage import convert
+from unimur.inference.image_embeddings import load_image_embeddings
+from unimur.data.feature_cache import cache_key
+from unimur.model.model import UniMuR
+from unimur.train.export import prune
+from unimur.model.tokenizer import _gpt2_bpe_dir
 
 
 def activations(module: nn.Module) -> set[str]:
@@ -139,7 +139,7 @@ def test_fromage_pickle_rows_are_l2_normalised_and_rank_by_cosine(tmp_path):
 def test_squash_resize_is_fromages_whole_image_resize(tiny_model, tmp_path):
     from PIL import Image
 
-    from unimur.retriever import ModelEmbedder
+    from unimur.inference.retriever import ModelEmbedder
 
     g = torch.Generator().manual_seed(0)
     img = Image.fromarray((torch.rand(40, 90, 3, generator=g) * 255).byte().numpy())  # wide: crop != squash
@@ -175,7 +175,7 @@ def test_llm_weights_load_straight_to_their_device_with_the_same_arguments(monke
     arguments the CPU tests take (tests/test_llm_loading.py loads a real folder that way)."""
     from transformers import AutoModelForCausalLM
 
-    from unimur.backbones import load_llm
+    from unimur.model.backbones.hub import load_llm
 
     calls = []
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained",

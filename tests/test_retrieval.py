@@ -1,4 +1,4 @@
-"""unimur.retrieval against brute-force references and hand-computed numbers.
+"""unimur.ranking against brute-force references and hand-computed numbers.
 
 Features are small integers (exact in float32/float16/bfloat16 dot products), so every
 matmul shape gives bit-identical scores and the many ties are real ties: exact equality
@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from unimur.retrieval import (
+from unimur.ranking import (
     hits_at_k,
     ranks_from_sim,
     ranks_in_pools,
@@ -241,7 +241,7 @@ def test_recall_metrics_odd_median_custom_ks_and_empty() -> None:
 
 def test_missed_elements_are_never_hits():
     """An element the system did not output is a miss at every k, even beyond its pool."""
-    from unimur.retrieval import recall_metrics
+    from unimur.ranking import recall_metrics
 
     ranks = torch.tensor([1, 3, 4])              # the last: missed, pool of 3 -> rank 3 + 1
     m = recall_metrics(ranks, ks=(1, 5), missed=torch.tensor([False, False, True]))

@@ -1,4 +1,4 @@
-"""`python -m unimur.retrieve`: a dialogue in, the top-k images and texts out, checked against a
+"""`python -m unimur.inference.session`: a dialogue in, the top-k images and texts out, checked against a
 brute-force reference computed with the model's own encoders (tiny-opt + tiny-clip)."""
 import json
 import logging
@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from unimur import retrieve
-from unimur.data import load_rgb_image
-from unimur.embeddings import load_image_embeddings, save_fromage_pickle
+from unimur.inference import session as retrieve
+from unimur.data.cc3m import load_rgb_image
+from unimur.inference.image_embeddings import load_image_embeddings, save_fromage_pickle
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -21,7 +21,7 @@ def reference(model, turns, images, texts, k, raw=False):
     """Top-k (id, cosine) of the pool images and texts for one dialogue (its turns' pieces, laid
     out as FROMAGe prompts a dialogue, the commands' default; ``raw``: ``turns`` is already the
     list of pieces, as `Retriever.retrieve` takes it), by full sort."""
-    from unimur.prompting import layout
+    from unimur.inference.prompting import layout
 
     pieces = turns if raw else layout(turns, "dialogue")
     with torch.no_grad():
@@ -120,7 +120,7 @@ def test_model_folder_embedding_file_is_used_and_named(tiny_pool, tmp_path, caps
     argv = ["--model-dir", str(model_dir), "--query", "a blue circle", "--device", "cpu"]
     assert retrieve.run_cli(argv) == 1
     assert "--allow-pickle" in error_line(capsys.readouterr().err)
-    with caplog.at_level(logging.INFO, logger="unimur.retrieve"):
+    with caplog.at_level(logging.INFO, logger="unimur.inference.session"):
         answer = run_json(capsys, [*argv, "--allow-pickle"])
     assert "cc3m_embeddings.pkl (the embedding file in --model-dir" in caplog.text
     ref = reference(tiny_pool.model, [["a blue circle"]], load_image_embeddings(tiny_pool.images), [], 3)[0]
@@ -130,7 +130,7 @@ def test_model_folder_embedding_file_is_used_and_named(tiny_pool, tmp_path, caps
 
 
 def test_image_dir_pool_is_embedded_once_then_cached(tiny_pool, tmp_path, capsys, monkeypatch):
-    from unimur import retriever
+    from unimur.inference import retriever
 
     calls = []
     real = retriever.ModelEmbedder.embed_images
@@ -168,10 +168,10 @@ def test_bad_input_is_one_error_line(tiny_pool, tmp_path, capsys, argv, message)
 
 
 def test_script_path_runs_as_the_module(tiny_pool):
-    """`python unimur/retrieve.py` (the seed's script style) gives what the function gives."""
+    """`python unimur/inference/session.py` (the seed's script style) gives what the function gives."""
     argv = pool_args(tiny_pool, "--query", "a red circle", "-k", "2", "--json")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
-    proc = subprocess.run([sys.executable, "unimur/retrieve.py", *argv], cwd=REPO, env=env,
+    proc = subprocess.run([sys.executable, "unimur/inference/session.py", *argv], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     answer = json.loads(proc.stdout)
@@ -180,7 +180,7 @@ def test_script_path_runs_as_the_module(tiny_pool):
 
 
 def test_text_pool_files(tmp_path):
-    from unimur.pools import read_texts
+    from unimur.inference.pools import read_texts
 
     (tmp_path / "a.txt").write_text("  hello there \n\nhello there\nhow about a red star\n")
     assert read_texts(tmp_path / "a.txt") == ["hello there", "how about a red star"]
@@ -195,7 +195,7 @@ def test_text_pool_files(tmp_path):
 
 
 def test_model_folder_embedding_file_rules(tmp_path):
-    from unimur.pools import find_model_embeddings
+    from unimur.inference.pools import find_model_embeddings
 
     (tmp_path / "model.safetensors").write_bytes(b"")  # the weights, never a pool
     assert find_model_embeddings(tmp_path) is None
@@ -212,7 +212,7 @@ def test_fromage_rules_likelihood_texts_and_ret_token(tiny_pool, capsys, monkeyp
     """--text-ranking likelihood and --image-rule ret-token, as in the evaluation: the texts in
     order of summed log p(" " + text | "Q: <dialogue>\nA:"); an image output exactly when a
     generated [RET] comes before any newline, ranked by that [RET]'s embedding."""
-    from unimur.generative import candidate_log_likelihoods, generate_responses
+    from unimur.inference.generative import candidate_log_likelihoods, generate_responses
 
     answer = run_json(capsys, pool_args(tiny_pool, "--query", "look at my circle", "-k", "3",
                                         "--text-ranking", "likelihood", "--image-rule", "ret-token"))
@@ -223,7 +223,7 @@ def test_fromage_rules_likelihood_texts_and_ret_token(tiny_pool, capsys, monkeyp
     assert answer["texts"][0]["score"] == pytest.approx(float(sums[order[0]]), abs=1e-4)
     assert answer["settings"]["text_ranking"] == "likelihood" and answer["image_output"] is False
     assert answer["generated_text"] == generate_responses(tiny_pool.model, [prompt]).texts[0]
-    from unimur.model import UniMuR
+    from unimur.model.model import UniMuR
 
     plain = UniMuR.lm_logits
 
@@ -243,8 +243,8 @@ def test_fromage_rules_likelihood_texts_and_ret_token(tiny_pool, capsys, monkeyp
 
 def test_text_pool_and_dialogue_lines_split_on_newline_only(tmp_path):
     """U+2028 / U+0085 inside a response are text, not line breaks (the evaluation reads them so)."""
-    from unimur.dialogue import parse_dialogue_json
-    from unimur.pools import read_texts
+    from unimur.inference.dialogue import parse_dialogue_json
+    from unimur.inference.pools import read_texts
 
     (tmp_path / "a.txt").write_text("one\u2028response\nnext\u0085one\r\nlast\n", encoding="utf-8")
     assert read_texts(tmp_path / "a.txt") == ["one\u2028response", "next\u0085one", "last"]
@@ -267,8 +267,8 @@ def test_deeply_nested_dialogue_json_is_one_error_line(tiny_pool, tmp_path, caps
 def test_embedding_file_whose_tensor_width_does_not_fit_the_model_is_one_error_line(tiny_pool, tmp_path, capsys):
     from dataclasses import replace
 
-    from unimur.embeddings import save_image_embeddings
-    from unimur.retriever import Retriever
+    from unimur.inference.image_embeddings import save_image_embeddings
+    from unimur.inference.retriever import Retriever
 
     emb = load_image_embeddings(tiny_pool.images)
     wide = replace(emb, cap_features=torch.cat([emb.cap_features, emb.cap_features], dim=1))
@@ -282,7 +282,7 @@ def test_embedding_file_whose_tensor_width_does_not_fit_the_model_is_one_error_l
 
 
 def test_nonfinite_embedding_rows_are_refused_or_left_out_and_counted(tiny_pool, tmp_path, capsys, caplog):
-    from unimur.embeddings import save_image_embeddings
+    from unimur.inference.image_embeddings import save_image_embeddings
 
     emb = load_image_embeddings(tiny_pool.images)
     emb.embeds[1] = float("nan")

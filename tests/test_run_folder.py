@@ -13,12 +13,12 @@ import pytest
 import torch
 
 import main as main_module
-from unimur import checkpoint as ckpt_module
-from unimur.checkpoint import CheckpointFormatError, load_checkpoint, save_checkpoint
+from unimur.train import checkpoint as ckpt_module
+from unimur.train.checkpoint import CheckpointFormatError, load_checkpoint, save_checkpoint
 from unimur.errors import BackboneLoadError, CheckpointWriteError, RunFolderError
 from unimur.errors import explain_backbone_errors, run_cli
-from unimur.prune_model_ckpt import main as prune_main
-from unimur.run_folder import RunLock, check_not_locked, git_info, param_count_table
+from unimur.train.export import main as prune_main
+from unimur.train.run_folder import RunLock, check_not_locked, git_info, param_count_table
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXES = {"llm": "pass --opt-version /path", "visual": "pass --visual-model NAME:/path"}
@@ -26,7 +26,7 @@ FIXES = {"llm": "pass --opt-version /path", "visual": "pass --visual-model NAME:
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    from unimur.synthetic import generate
+    from unimur.data.synthetic.generator import generate
 
     out = tmp_path_factory.mktemp("syn")
     return generate(out, seed=0, n_train=16, n_val=8, n_visdial=0, n_mmdialog=0, image_size=32,
@@ -108,7 +108,7 @@ def test_hub_id_neither_cached_nor_reachable_is_one_line(data, tmp_path, capsys)
 def test_clip_download_failure_names_the_model_and_the_fix(monkeypatch):
     import open_clip
 
-    from unimur.backbones import load_encoders
+    from unimur.model.backbones.hub import load_encoders
 
     def offline(*a, **k):  # what open_clip raises when the weights are neither cached nor reachable
         raise RuntimeError("Failed to download weights for tag 'openai': Failed to download file. More text")
@@ -171,7 +171,7 @@ def odd_checkpoints(tmp_path):
 
 EXPECTED_MESSAGES = {
     "pickled": r"holds pickled Python objects \(argparse.Namespace\), not only tensors.*not loaded",
-    "fromage": r"is a FROMAGe checkpoint .*convert it with `python unimur/convert_fromage.py",
+    "fromage": r"is a FROMAGe checkpoint .*convert it with `python unimur/commands/convert_fromage.py",
     "fromage_pickled": r"is a FROMAGe checkpoint that also holds pickled Python objects \(argparse.Namespace\)"
                        r".*convert_fromage.py",
     "truncated": r"is truncated or corrupt \(\d+ bytes; PytorchStreamReader failed reading zip archive",
@@ -283,7 +283,7 @@ def test_new_run_refuses_a_folder_with_checkpoints_unless_overwrite(data, tmp_pa
 
 
 def hold_lock_in_subprocess(run_dir: Path) -> subprocess.Popen:
-    code = ("import sys, time; from pathlib import Path; from unimur.run_folder import RunLock; "
+    code = ("import sys, time; from pathlib import Path; from unimur.train.run_folder import RunLock; "
             "RunLock(Path(sys.argv[1])).acquire(); print('held', flush=True); time.sleep(600)")
     proc = subprocess.Popen([sys.executable, "-c", code, str(run_dir)], cwd=ROOT, stdout=subprocess.PIPE,
                             env=dict(os.environ, PYTHONPATH=str(ROOT)), text=True)

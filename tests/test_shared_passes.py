@@ -1,9 +1,9 @@
-"""Frozen passes shared across models (unimur/shared_passes.py): same answers, computed once."""
+"""Frozen passes shared across models (unimur/inference/frozen_pass_memo.py): same answers, computed once."""
 
 import torch
 
-from unimur.retriever import ModelEmbedder
-from unimur.shared_passes import FrozenPassMemo, unified_from_prefix
+from unimur.inference.retriever import ModelEmbedder
+from unimur.inference.frozen_pass_memo import FrozenPassMemo, unified_from_prefix
 
 CONTEXTS = [["what colour is the star? it is red."], ["hello"], ["a longer context about a blue circle on the left"]]
 
@@ -76,7 +76,7 @@ def test_embedders_share_image_features(tiny_model, tmp_path):
 def test_several_ret_layers_read_from_the_ret_pass(tiny_model_config, tiny_backbones):
     import dataclasses
 
-    from unimur.model import UniMuR
+    from unimur.model.model import UniMuR
 
     llm, enc, tok, ret_id = tiny_backbones
     torch.manual_seed(1)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import main as main_module
-from unimur.cli import parse_args
+from unimur.commands.train_flags import parse_args
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,7 +27,7 @@ SEED_COMMAND = [
 
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory):
-    from unimur.synthetic import generate
+    from unimur.data.synthetic.generator import generate
 
     out = tmp_path_factory.mktemp("syn")
     return generate(out, seed=0, n_train=96, n_val=32, n_visdial=4, n_mmdialog=4, image_size=32, n_negatives=8)

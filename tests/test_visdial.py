@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from unimur.visdial import (
+from unimur.data.visdial import (
     VisDialDialog,
     build_visdial_query,
     load_visdial,

@@ -8,8 +8,8 @@ The public API, imported on first use (``import unimur`` does not load torch)::
     retriever = Retriever.from_model(model, load_image_embeddings("pool.safetensors"), texts)
     result = retriever.retrieve([["do you have a red star?"]], k=3)[0]
 
-Commands: ``python main.py`` (train), ``python evals/eval_*.py``, ``python -m unimur.retrieve``,
-``python -m unimur.app``, ``python -m unimur.demo`` (and the ``unimur-*`` console scripts of an
+Commands: ``python main.py`` (train), ``python evals/eval_*.py``, ``python -m unimur.inference.session``,
+``python -m unimur.commands.app``, ``python -m unimur_demo.pipeline`` (and the ``unimur-*`` console scripts of an
 installed package; see README.md).
 """
 from __future__ import annotations
@@ -21,20 +21,20 @@ __version__ = "0.1.0"
 
 # public name -> module that defines it
 _API = {
-    "UniMuR": "unimur.model",                       # the model: frozen LLM + CLIP, trainable maps
+    "UniMuR": "unimur.model.model",                       # the model: frozen LLM + CLIP, trainable maps
     "ModelConfig": "unimur.config",                 # its config (names the frozen backbones)
     "Config": "unimur.config",                      # the full training config tree
-    "load_pretrained": "unimur.pretrained",         # a pruned model folder -> UniMuR
-    "save_pretrained": "unimur.pretrained",
-    "read_model_config": "unimur.pretrained",
-    "Retriever": "unimur.retriever",                # top-k images and texts for dialogues
-    "RetrievalResult": "unimur.retriever",
-    "ModelEmbedder": "unimur.retriever",            # batched embedding of queries, images, texts
-    "ImageEmbeddings": "unimur.embeddings",         # an image pool's embeddings
-    "load_image_embeddings": "unimur.embeddings",
-    "save_image_embeddings": "unimur.embeddings",
-    "read_texts": "unimur.pools",                   # a text pool file
-    "read_dialogue": "unimur.dialogue",             # a dialogue in MMDialog's turn format
+    "load_pretrained": "unimur.model.pretrained",         # a pruned model folder -> UniMuR
+    "save_pretrained": "unimur.model.pretrained",
+    "read_model_config": "unimur.model.pretrained",
+    "Retriever": "unimur.inference.retriever",                # top-k images and texts for dialogues
+    "RetrievalResult": "unimur.inference.retriever",
+    "ModelEmbedder": "unimur.inference.retriever",            # batched embedding of queries, images, texts
+    "ImageEmbeddings": "unimur.inference.image_embeddings",         # an image pool's embeddings
+    "load_image_embeddings": "unimur.inference.image_embeddings",
+    "save_image_embeddings": "unimur.inference.image_embeddings",
+    "read_texts": "unimur.inference.pools",                   # a text pool file
+    "read_dialogue": "unimur.inference.dialogue",             # a dialogue in MMDialog's turn format
 }
 
 __all__ = ["__version__", *_API]
@@ -55,9 +55,9 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load lazily
     from unimur.config import Config, ModelConfig  # noqa: F401
-    from unimur.dialogue import read_dialogue  # noqa: F401
-    from unimur.embeddings import ImageEmbeddings, load_image_embeddings, save_image_embeddings  # noqa: F401
-    from unimur.model import UniMuR  # noqa: F401
-    from unimur.pools import read_texts  # noqa: F401
-    from unimur.pretrained import load_pretrained, read_model_config, save_pretrained  # noqa: F401
-    from unimur.retriever import ModelEmbedder, RetrievalResult, Retriever  # noqa: F401
+    from unimur.inference.dialogue import read_dialogue  # noqa: F401
+    from unimur.inference.image_embeddings import ImageEmbeddings, load_image_embeddings, save_image_embeddings  # noqa: F401
+    from unimur.model.model import UniMuR  # noqa: F401
+    from unimur.inference.pools import read_texts  # noqa: F401
+    from unimur.model.pretrained import load_pretrained, read_model_config, save_pretrained  # noqa: F401
+    from unimur.inference.retriever import ModelEmbedder, RetrievalResult, Retriever  # noqa: F401

@@ -104,7 +104,7 @@ class DataConfig:
     """Where cached features live; None: <dataset_dir>/.feature_cache."""
     dataset_format: str = "tsv"
     """`tsv` (cc3m_<split>.tsv + image dir), `img2dataset` (its `files` output folders) or
-    `wds` (webdataset .tar shards): see `unimur.sources`."""
+    `wds` (webdataset .tar shards): see `unimur.data.cc3m_sources`."""
     cache_dtype: str | None = None
     """Storage dtype of cached features (fp16|bf16|fp32); None: bf16 with precision bf16, else fp16."""
     cache_verify: bool = False
@@ -144,7 +144,7 @@ class TrainConfig:
     """Also write the latest checkpoint every N optimizer steps (0: only at epoch ends)."""
     concat_captions_prob: float = 0.5
     """Per step, the probability that the captioning pass reads pairs of examples as one
-    sequence (FROMAGe's default; `unimur.packing`)."""
+    sequence (FROMAGe's default; `unimur.model.packing`)."""
     start_epoch: int = 0
     """Start a new run at this epoch (schedule and data order positioned there; FROMAGe)."""
     compile: bool = False

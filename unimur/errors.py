@@ -68,9 +68,12 @@ def message(e: BaseException) -> str:
 # Frozen backbones that cannot be loaded from the hub
 # ----------------------------------------------------------------------------------------------
 
-# The loaders of unimur.backbones / unimur.tokenizer, and what each loads (found in the traceback,
+# The loaders of unimur.model.backbones.hub / unimur.model.tokenizer, and what each loads (found in the traceback,
 # so that the message can name the model without wrapping every call site).
 _LOADERS = {"load_llm": "llm", "build_tokenizer": "llm", "load_encoders": "visual"}
+
+
+_PACKAGE = Path(__file__).resolve().parent  # unimur/: loaders are ours only if defined under it
 
 
 def _failed_loader(exc: BaseException) -> str | None:
@@ -78,7 +81,7 @@ def _failed_loader(exc: BaseException) -> str | None:
     found = None
     for frame, _ in traceback.walk_tb(exc.__traceback__):
         code = frame.f_code
-        if code.co_name in _LOADERS and Path(code.co_filename).parent.name == "unimur":
+        if code.co_name in _LOADERS and _PACKAGE in Path(code.co_filename).resolve().parents:
             found = _LOADERS[code.co_name]
     return found
 

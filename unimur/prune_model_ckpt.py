@@ -2,87 +2,16 @@
 
     python unimur/prune_model_ckpt.py --ckpt exp_log/unimur_exp/ckpt_best.pth.tar --output unimur_model/
 
-The checkpoint's parameters are checked against the architecture its own config describes
-(built on the meta device: no backbone weights are loaded), so a checkpoint whose weights
-and config disagree is refused instead of producing a model that fails later. Frozen-backbone
-entries in a full state dict are dropped. The result: config.json, model.safetensors,
-tokenizer/ and manifest.json (see `unimur/pretrained.py`), a few MB at paper scale.
+The seed README's command path, kept as written: the command is `unimur.train.export` (flags, `--help`).
 """
-from __future__ import annotations
-
-if __package__ in (None, ""):  # `python unimur/prune_model_ckpt.py`: import the package, not siblings
-    import sys
-    from pathlib import Path
-
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
-
-import argparse
-import logging
 import sys
 from pathlib import Path
 
-import torch
+if __package__ in (None, ""):  # run as a file: sys.path[0] is unimur/, whose subpackages (data,
+    sys.path[0] = str(Path(__file__).resolve().parents[1])  # model, utils...) would shadow top-level modules
 
-from unimur.checkpoint import load_checkpoint
-from unimur.config import Config, ModelConfig
-from unimur.errors import explain_backbone_errors, run_cli
-from unimur.model import UniMuR
-from unimur.pretrained import check_model_output, save_pretrained
-from unimur.tokenizer import build_tokenizer
-
-logger = logging.getLogger("unimur.prune_model_ckpt")
-
-FROZEN_PREFIXES = ("llm.", "encoders.", "module.llm.", "module.encoders.")
-
-
-def trainable_weights(state: dict[str, torch.Tensor], config: ModelConfig, source: str) -> dict[str, torch.Tensor]:
-    """The trainable parameters of a state dict, verified against the config's architecture."""
-    state = {k.removeprefix("module."): v for k, v in state.items() if not k.startswith(FROZEN_PREFIXES)}
-    expected = {k: tuple(v.shape) for k, v in UniMuR.skeleton(config).trainable_state_dict().items()}
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs config {expected[k]}"
-              for k in expected if k in state and tuple(state[k].shape) != expected[k]]
-    if missing or unexpected or shapes:
-        raise ValueError(f"{source}: weights do not match the checkpoint's config "
-                         f"(method={config.method}, llm={config.llm}, "
-                         f"visual_model={config.visual_model}): missing {missing}, "
-                         f"unexpected {unexpected}, shape mismatches {shapes}")
-    bad = [k for k, v in state.items() if not torch.isfinite(v).all()]
-    if bad:
-        raise ValueError(f"{source}: non-finite values in {bad}")
-    return state
-
-
-# The backbones are named by the checkpoint's config (the architecture and the tokenizer are read).
-BACKBONE_FIXES = {"llm": "the checkpoint's config names it (model.llm): make it available in the "
-                         "local cache, where the run was trained",
-                  "visual": "the checkpoint's config names it (model.visual_model): make it "
-                            "available in the local cache, where the run was trained"}
-
-
-def prune(ckpt_path: str | Path, output: str | Path) -> Path:
-    check_model_output(output)  # before anything is loaded: a run folder's config.json is not ours
-    ckpt = load_checkpoint(ckpt_path)  # a FROMAGe or non-tensor file is refused here, in one line
-    config = Config.from_dict(ckpt["config"])
-    with explain_backbone_errors(config.model.llm, config.model.visual_model, BACKBONE_FIXES):
-        state = trainable_weights(ckpt["model"], config.model, str(ckpt_path))
-        tokenizer, ret_id = build_tokenizer(config.model.llm)
-    out = save_pretrained(config.model, state, tokenizer, ret_id, output)
-    size = sum(p.stat().st_size for p in Path(out).rglob("*") if p.is_file())
-    logger.info("wrote %s: %d tensors, %s parameters, %.2f MB on disk", out, len(state),
-                f"{sum(v.numel() for v in state.values()):,}", size / 2**20)
-    return out
-
-
-def main(argv=None) -> Path:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--ckpt", required=True, help="training checkpoint (ckpt.pth.tar / ckpt_best.pth.tar)")
-    ap.add_argument("--output", default="unimur_model/", help="model folder to write")
-    args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    return prune(args.ckpt, args.output)
-
+from unimur.errors import run_cli  # noqa: E402
+from unimur.train.export import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(run_cli(main))  # expected failures: one `error: ...` line

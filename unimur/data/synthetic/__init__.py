@@ -1,0 +1,1 @@
+"""A synthetic CC3M/VisDial/MMDialog set drawn from shape scenes (the offline demo's data)."""

@@ -1,0 +1,1 @@
+"""Evaluation protocols (VisDial, MMDialog), their reports, and the method comparison's statistics."""

@@ -1,0 +1,1 @@
+"""The MMDialog protocol: queries, per-query pools, chunked scoring."""

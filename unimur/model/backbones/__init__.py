@@ -1,0 +1,1 @@
+"""The frozen backbones: hub models (transformers, open_clip) and the offline demo's models."""
