@@ -234,7 +234,7 @@ def test_sharded_build_merges_to_the_single_process_file(data, encoders, tmp_pat
         start, end = fc._shard_bounds(len(rows), rank, world)
         feats = fc._encode_rows(rows[start:end], encoders, torch.float32, 2, 0, ImageChecks())
         shard_paths.append(fc._shard_path(out, "features", key, rank, world))
-        fc._write_safetensors(shard_paths[-1], {k: [v] for k, v in feats.items()}, {})
+        fc.write_safetensors(shard_paths[-1], {k: [v] for k, v in feats.items()}, {})
     fc._write_final(out, "features", fc._merge_shards(shard_paths), key, parts, {"world_size": world})
     merged = fc.load_feature_cache(out, expected_key=key)
     for name in fc.TENSOR_NAMES:

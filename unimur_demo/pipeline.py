@@ -360,7 +360,7 @@ def evaluate(model, model_dir: Path, data: dict[str, Path], meta: dict[str, Any]
     """VisDial and MMDialog results of one model: JSON files (plus PNGs) and held-out subsets."""
     from evals.common import model_info
 
-    from unimur_demo.report import N_KEPT_EXAMPLES, SUBSETS_NOTE, _labelled_examples, mmdialog_subsets, visdial_subsets
+    from unimur_demo.report import N_KEPT_EXAMPLES, SUBSETS_NOTE, labelled_examples, mmdialog_subsets, visdial_subsets
     from unimur.evaluation.report import format_table, save_examples_png, write_results
     from unimur.evaluation.api import evaluate_mmdialog, evaluate_visdial
     from unimur.data.synthetic.generator import mmdialog_attribute_labels
@@ -384,7 +384,7 @@ def evaluate(model, model_dir: Path, data: dict[str, Path], meta: dict[str, Any]
             subsets, rows = mmdialog_subsets(results, meta)
         results["model"] = model_info(model_dir, embedder)
         if png:
-            save_examples_png(_labelled_examples(results, rows), results_dir / f"{tag}_{bench}_examples.png")
+            save_examples_png(labelled_examples(results, rows), results_dir / f"{tag}_{bench}_examples.png")
         results["examples"] = results["examples"][:N_KEPT_EXAMPLES]
         results["subsets"] = subsets
         results["per_query"] = rows

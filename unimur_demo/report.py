@@ -70,7 +70,7 @@ def mmdialog_subsets(results: dict[str, Any], meta: dict[str, Any]) -> tuple[dic
     return out, rows
 
 
-def _labelled_examples(results: dict[str, Any], rows: list[dict], n_each: int = 2) -> list[dict]:
+def labelled_examples(results: dict[str, Any], rows: list[dict], n_each: int = 2) -> list[dict]:
     """Two held-out and two seen example queries, the subset named in the query text."""
     picked = []
     examples = results["examples"]

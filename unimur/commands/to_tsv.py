@@ -28,7 +28,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from unimur.data.cc3m import TSV_HEADER, _format_counts, _image_file
+from unimur.data.cc3m import TSV_HEADER, format_counts, image_bytes_or_path
 from unimur.data.cc3m_sources import SPLIT_DIRS, split_entries
 
 logger = logging.getLogger(__name__)
@@ -63,7 +63,7 @@ def write_split_tsv(fmt: str, dataset_dir: str | os.PathLike, split: str, tsv_pa
         tmp.unlink(missing_ok=True)  # never leave cc3m_<split>.tsv.tmp-<pid> behind
         raise
     if refused:
-        logger.warning("%s: %d source rows not written (%s)", tsv_path, sum(refused.values()), _format_counts(refused))
+        logger.warning("%s: %d source rows not written (%s)", tsv_path, sum(refused.values()), format_counts(refused))
     return n, image_dir
 
 
@@ -75,7 +75,7 @@ def _extract(ref: str, image_out: Path, name: str) -> None:
     if out not in dest.parents:
         raise ValueError(f"image {name!r} would be written outside {image_out} (at {dest}); refused")
     dest.parent.mkdir(parents=True, exist_ok=True)
-    dest.write_bytes(_image_file(ref).getvalue())
+    dest.write_bytes(image_bytes_or_path(ref).getvalue())
 
 
 def main(argv: list[str] | None = None) -> int:

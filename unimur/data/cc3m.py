@@ -212,7 +212,7 @@ def read_caption_tsv(tsv_path: str | os.PathLike, image_dir: str | os.PathLike) 
     if not rows:
         raise ValueError(
             f"{tsv_path}: no valid row (of {n_lines} data lines; skipped: "
-            f"{_format_counts(skipped) or 'none'}; image dir {image_dir})"
+            f"{format_counts(skipped) or 'none'}; image dir {image_dir})"
         )
     return rows, skipped
 
@@ -286,11 +286,11 @@ def _log_read_summary(tsv_path: Path, n_valid: int, skipped: Counter) -> None:
     if is_main_process():
         logger.info(
             "read %s: %d valid rows, %d skipped (%s)",
-            tsv_path, n_valid, sum(skipped.values()), _format_counts(skipped) or "none",
+            tsv_path, n_valid, sum(skipped.values()), format_counts(skipped) or "none",
         )
 
 
-def _format_counts(counts: Mapping[str, int]) -> str:
+def format_counts(counts: Mapping[str, int]) -> str:
     return ", ".join(f"{k}={v}" for k, v in sorted(counts.items()) if v)
 
 
@@ -326,7 +326,7 @@ def load_rgb_image(path: str | os.PathLike, checks: ImageChecks = ImageChecks())
         with warnings.catch_warnings():
             # PIL only *warns* between MAX_IMAGE_PIXELS and twice that: make it an error.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(_image_file(path))
+            img = Image.open(image_bytes_or_path(path))
     except FileNotFoundError as e:
         raise UnusableImage("missing_image", str(e)) from e
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
@@ -366,7 +366,7 @@ def _upright(img: Image.Image) -> Image.Image:
         return img
 
 
-def _image_file(path: str | os.PathLike):
+def image_bytes_or_path(path: str | os.PathLike):
     """A path, or for a tar member reference (``tar<NUL>offset<NUL>size``, see
     ``unimur.data.cc3m_sources.tar_member_ref``) its bytes: one seek + read, no tar parsing."""
     path = os.fspath(path)
@@ -608,7 +608,7 @@ class SkipCounter:
         share = 100.0 * self.skipped / seen if seen else 0.0
         return (
             f"{what}: {self.kept} samples used, {self.skipped} skipped ({share:.2f}%)"
-            f"{' [' + _format_counts(self.reasons) + ']' if self.skipped else ''}, "
+            f"{' [' + format_counts(self.reasons) + ']' if self.skipped else ''}, "
             f"{self.empty_batches} empty batches"
         )
 

@@ -59,7 +59,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from unimur.data.cc3m import CaptionRow, RowTable, _format_counts, check_caption_tsv, read_caption_tsv
+from unimur.data.cc3m import CaptionRow, RowTable, format_counts, check_caption_tsv, read_caption_tsv
 from unimur.utils.distributed import is_main_process
 
 logger = logging.getLogger(__name__)
@@ -160,9 +160,9 @@ def _rows_of(entries: Iterable[Entry], root: Path) -> tuple[RowTable, Counter]:
             rows.append(CaptionRow(index=n, caption=entry.caption, image_path=entry.ref))
     if is_main_process():
         logger.info("read %s: %d valid rows, %d skipped (%s)", root, len(rows), sum(skipped.values()),
-                    _format_counts(skipped) or "none")
+                    format_counts(skipped) or "none")
     if not rows:
-        raise ValueError(f"{root}: no valid row (of {n + 1}; skipped: {_format_counts(skipped) or 'none'})")
+        raise ValueError(f"{root}: no valid row (of {n + 1}; skipped: {format_counts(skipped) or 'none'})")
     return RowTable(rows), skipped
 
 

@@ -70,7 +70,7 @@ from unimur.data.cc3m import (
     ImageChecks,
     RowTable,
 )
-from unimur.utils.safetensors_io import _read_safetensors, _write_safetensors, file_stamp  # noqa: F401 (tests use them via fc)
+from unimur.utils.safetensors_io import read_safetensors, write_safetensors, file_stamp  # noqa: F401 (tests use them via fc)
 from unimur.utils.safetensors_io import CacheMiss
 from unimur.train.checkpoint import file_sha256
 from unimur.utils.distributed import all_ranks, barrier, broadcast_object, get_rank, get_world_size, is_main_process
@@ -204,7 +204,7 @@ class FeatureCache:
         return {"path": self.path, "key": self.key, "metadata": self.metadata}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        tensors, _ = _read_safetensors(Path(state["path"]))
+        tensors, _ = read_safetensors(Path(state["path"]))
         self.__dict__.update(state)
         self.__dict__.update({name: tensors[name] for name in TENSOR_NAMES})
 
@@ -239,7 +239,7 @@ def load_feature_cache(
     if data_path.stat().st_size != sidecar.get("file_bytes"):
         raise CacheMiss("corrupt", f"{data_path}: {data_path.stat().st_size} bytes, sidecar says {sidecar.get('file_bytes')} (truncated?)")
     _check_integrity(data_path, sidecar_path, sidecar, verify_checksum)
-    tensors, _ = _read_safetensors(data_path)
+    tensors, _ = read_safetensors(data_path)
     _check_tensors(data_path, tensors, sidecar.get("num_rows"))
     return FeatureCache(path=data_path, key=sidecar["key"], metadata=sidecar, **{n: tensors[n] for n in TENSOR_NAMES})
 
@@ -381,7 +381,7 @@ def _write_shard(path: Path, features: dict[str, torch.Tensor]) -> None:
     """A shard via a temporary name: rank 0 never merges a half-written one."""
     tmp = path.with_name(f"{path.name}.tmp")
     try:
-        _write_safetensors(tmp, {k: [v] for k, v in features.items()}, {})
+        write_safetensors(tmp, {k: [v] for k, v in features.items()}, {})
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -422,7 +422,7 @@ def _write_final(
     sidecar_path.unlink(missing_ok=True)  # invalidate first: the old sidecar must not vouch for the new file
     tmp = data_path.with_name(f"{data_path.name}.tmp-{job}-{os.getpid()}")
     try:
-        sha = _write_safetensors(tmp, pieces, {"format": FORMAT, "key": key})
+        sha = write_safetensors(tmp, pieces, {"format": FORMAT, "key": key})
         os.replace(tmp, data_path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -441,7 +441,7 @@ def _write_final(
 
 def _merge_shards(shard_paths: list[Path]) -> dict[str, list[torch.Tensor]]:
     """Memory-mapped pieces of every tensor, in rank order (the writer streams them)."""
-    shards = [_read_safetensors(p)[0] for p in shard_paths]
+    shards = [read_safetensors(p)[0] for p in shard_paths]
     return {name: [s[name] for s in shards] for name in TENSOR_NAMES}
 
 

@@ -29,7 +29,7 @@ def supports_text_retrieval(embedder: Embedder) -> bool:
     return getattr(config, "method", "unimur") != "fromage"
 
 
-def _split_counts(counts: Mapping[str, int], groups: Mapping[str, set[str]], rest: str
+def split_counts(counts: Mapping[str, int], groups: Mapping[str, set[str]], rest: str
                   ) -> dict[str, dict[str, int]]:
     """Sort skip reasons into named groups; reasons in no group go to ``rest``."""
     out: dict[str, dict[str, int]] = {name: {} for name in [*groups, rest]}
@@ -41,19 +41,19 @@ def _split_counts(counts: Mapping[str, int], groups: Mapping[str, set[str]], res
     return out
 
 
-def _add(counter: Counter, reason: str, n: int) -> None:
+def add_count(counter: Counter, reason: str, n: int) -> None:
     """Count ``n`` skips; zero leaves no key behind (logged and written Counters stay clean)."""
     if n:
         counter[reason] += n
 
 
-def _timing(t0: float, n_queries: int) -> dict[str, float]:
+def timing_of(t0: float, n_queries: int) -> dict[str, float]:
     seconds = time.perf_counter() - t0
     return {"seconds": round(seconds, 3),
             "queries_per_s": round(n_queries / seconds, 2) if seconds > 0 else float("nan")}
 
 
-def _ranked(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
+def ranked_top_k(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """Top-k of each row in the module's order (higher score first, ties: lower index first).
 
     Args:
@@ -65,11 +65,11 @@ def _ranked(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
     return values[:, :k], indices[:, :k]
 
 
-def _check_dims(queries: Tensor, candidates: Tensor, what: str) -> None:
+def check_dims(queries: Tensor, candidates: Tensor, what: str) -> None:
     if queries.shape[1] != candidates.shape[1]:
         raise ValueError(f"query embeddings are {queries.shape[1]}-d but {what} are "
                          f"{candidates.shape[1]}-d: were they computed with another model?")
 
 
-def _valid(score: float) -> bool:
+def is_valid_score(score: float) -> bool:
     return score != float("-inf")

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from unimur.evaluation.common import (EXAMPLE_TOP_K, N_EXAMPLES, _check_dims, _ranked, _split_counts, _timing)
+from unimur.evaluation.common import (EXAMPLE_TOP_K, N_EXAMPLES, check_dims, ranked_top_k, split_counts, timing_of)
 from unimur.inference.rules import RET_MAX_TOKENS
 from unimur.ranking import ranks_from_sim, recall_metrics
 from unimur.inference.retriever import Embedder
@@ -99,7 +99,7 @@ def evaluate_visdial(embedder: Embedder, visdial_dir: str | Path, *, context: st
     contexts = [[q] for q in queries]
     u = embedder.embed_queries(contexts).float().cpu()                   # [D, E]
     v = images.embeds.float().cpu()                                      # [D, E]
-    _check_dims(u, v, "VisDial images")
+    check_dims(u, v, "VisDial images")
     sim = u @ v.T                                                        # [D dialogues, D images]
     positives = torch.arange(len(dialogs))
     d2i = ranks_from_sim(sim, positives)
@@ -113,7 +113,7 @@ def evaluate_visdial(embedder: Embedder, visdial_dir: str | Path, *, context: st
         metrics["dialogue_to_image_output"] = recall_metrics(
             torch.where(shown, d2i_gen, torch.full_like(d2i_gen, len(dialogs) + 1)), missed=~shown)
 
-    counts = _split_counts(skipped, {"skipped_dialogues": _VISDIAL_DIALOGUE_REASONS
+    counts = split_counts(skipped, {"skipped_dialogues": _VISDIAL_DIALOGUE_REASONS
                                      | {"duplicate_image_id", "empty_query", "unreadable_image"}},
                            rest="dropped_elements")
     logger.info("VisDial: %d dialogues evaluated, skipped %s", len(dialogs), dict(skipped))
@@ -133,7 +133,7 @@ def evaluate_visdial(embedder: Embedder, visdial_dir: str | Path, *, context: st
         "counts": {"dialogues_evaluated": len(dialogs),
                    "dialogues_skipped": sum(counts["skipped_dialogues"].values()),
                    **counts, "unreadable_images": dict(sorted(image_skips.items()))},
-        "timing": _timing(t0, len(dialogs)),
+        "timing": timing_of(t0, len(dialogs)),
         "examples": _visdial_examples(dialogs, queries, sim, d2i, i2d, n_examples),
         "notes": [],
     }
@@ -143,7 +143,7 @@ def _visdial_examples(dialogs: list, queries: list[str], sim: Tensor, ranks: Ten
                       i2d_ranks: Tensor, n: int) -> list[dict[str, Any]]:
     """The first ``n`` dialogues with their top retrieved images (sim: [D, D]); ``gt_rank`` is
     the dialogue->image rank, ``image_to_dialogue_rank`` that of the dialogue for its image."""
-    values, indices = _ranked(sim[:n], EXAMPLE_TOP_K)
+    values, indices = ranked_top_k(sim[:n], EXAMPLE_TOP_K)
     return [{
         "query": queries[q],
         "gt_images": [str(dialogs[q].image_path)],

@@ -34,7 +34,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-from unimur.model.model import Piece, UniMuR, _cache_kwarg, _output_cache, pad_embeddings
+from unimur.model.model import Piece, UniMuR, cache_kwarg, output_cache, pad_embeddings
 
 
 @dataclass
@@ -100,7 +100,7 @@ def unified_from_prefix(model: UniMuR, contexts: Sequence[Sequence[Piece]], memo
         inputs, mask = pad_embeddings(seqs, "right")  # the padded keys are masked for [RET]
         out = body(inputs_embeds=inputs.to(model._llm_dtype), attention_mask=mask,
                    position_ids=(mask.cumsum(-1) - 1).clamp(min=0), use_cache=True)
-        cache = _output_cache(out)
+        cache = output_cache(out)
         stored = memo.keep_prefix(key, cache, mask)
     else:
         (cache, mask), stored = entry, True
@@ -110,6 +110,6 @@ def unified_from_prefix(model: UniMuR, contexts: Sequence[Sequence[Piece]], memo
     all_layers = model._all_layers
     out = body(inputs_embeds=ret, attention_mask=torch.cat([mask, mask.new_ones(b, 1)], dim=1),
                position_ids=mask.sum(1, keepdim=True), use_cache=True, output_hidden_states=all_layers,
-               **{_cache_kwarg(body): past})
+               **{cache_kwarg(body): past})
     one = mask.new_ones(b, 1)
     return model.unified_from_hidden(out.last_hidden_state, one, out.hidden_states if all_layers else None)

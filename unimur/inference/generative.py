@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from unimur.model.model import Piece, UniMuR, _cache_kwarg, _output_cache, pad_embeddings
+from unimur.model.model import Piece, UniMuR, cache_kwarg, output_cache, pad_embeddings
 
 
 def _context_pass(model: UniMuR, context: Sequence[Piece], max_len: int | None):
@@ -32,7 +32,7 @@ def _context_pass(model: UniMuR, context: Sequence[Piece], max_len: int | None):
                                attention_mask=torch.ones(1, t, dtype=torch.long, device=model.device),
                                position_ids=torch.arange(t, device=model.device)[None], use_cache=True)
     first = F.log_softmax(model.lm_logits(out.last_hidden_state[0, -1]).float(), dim=-1)
-    return first, _output_cache(out), t
+    return first, output_cache(out), t
 
 
 @torch.no_grad()
@@ -65,7 +65,7 @@ def candidate_log_likelihoods(model: UniMuR, context: Sequence[Piece], candidate
         hidden = body(inputs_embeds=model.embed_tokens(ids).to(model._llm_dtype),
                       attention_mask=torch.cat([mask.new_ones(b, t), mask], dim=1),
                       position_ids=(t + torch.arange(width, device=model.device)).expand(b, -1),
-                      use_cache=True, **{_cache_kwarg(body): past}).last_hidden_state  # (b, W, H)
+                      use_cache=True, **{cache_kwarg(body): past}).last_hidden_state  # (b, W, H)
         # token 0 is predicted by the context's last position, token j by candidate position j-1;
         # the vocabulary-wide logits only where a candidate token follows (not over padding)
         lp = torch.zeros(b, width, device=model.device)
@@ -161,6 +161,6 @@ def generate_responses(model: UniMuR, contexts: Sequence[Sequence[Piece]], max_t
         position = position[:, -1:] + 1
         out = body(inputs_embeds=model.embed_tokens(nxt[:, None]).to(model._llm_dtype), attention_mask=mask,
                    position_ids=position, use_cache=True, output_hidden_states=all_layers,
-                   **{_cache_kwarg(body): _output_cache(out)})
+                   **{cache_kwarg(body): output_cache(out)})
     texts = [model.tokenizer.decode(ids, skip_special_tokens=False) for ids in kept]
     return Generations(ret.cpu(), u, texts)

@@ -307,7 +307,7 @@ class UniMuR(nn.Module):
         ret_in = self.ret_embedding.to(self._llm_dtype).expand(input_ids.shape[0], 1, -1)
         ret = body(inputs_embeds=ret_in, attention_mask=attention_mask,
                    position_ids=position_ids[:, -1:], use_cache=True, output_hidden_states=every,
-                   **{_cache_kwarg(body): _output_cache(prefix)})
+                   **{cache_kwarg(body): output_cache(prefix)})
         hidden = torch.cat([prefix.last_hidden_state, ret.last_hidden_state], dim=1)
         layers = ([torch.cat(pair, dim=1) for pair in zip(prefix.hidden_states, ret.hidden_states)]
                   if every else None)
@@ -464,12 +464,12 @@ def _resolve_layers(layers: Sequence[int], llm: nn.Module) -> list[int]:
     return out
 
 
-def _cache_kwarg(body: nn.Module) -> str:
+def cache_kwarg(body: nn.Module) -> str:
     """transformers renamed `past_key_values` to `cache` during 5.x; accept either."""
     return "cache" if "cache" in inspect.signature(body.forward).parameters else "past_key_values"
 
 
-def _output_cache(out):
+def output_cache(out):
     cache = getattr(out, "cache", None)
     return cache if cache is not None else out.past_key_values
 

@@ -46,7 +46,7 @@ _MAX_HEADER_BYTES = 100 * 2**20  # a larger header is garbage, not a cache
 _WRITE_CHUNK_BYTES = 64 * 2**20
 
 
-def _write_safetensors(path: Path, tensors: dict[str, list[torch.Tensor]], metadata: dict[str, str]) -> str:
+def write_safetensors(path: Path, tensors: dict[str, list[torch.Tensor]], metadata: dict[str, str]) -> str:
     """Write tensors, each given as pieces concatenated along dim 0; return the file's SHA-256."""
     assert sys.byteorder == "little", "safetensors stores little-endian data"
     header: dict[str, Any] = {}
@@ -86,7 +86,7 @@ def _byte_chunks(t: torch.Tensor) -> Iterable[memoryview]:
         yield memoryview(part.numpy()).cast("B")
 
 
-def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Memory-map a safetensors file (copy-on-write); raise CacheMiss('corrupt') on any damage."""
     size = path.stat().st_size
     with open(path, "rb") as f:

@@ -47,8 +47,8 @@ from typing import Any
 import numpy as np
 
 from unimur.data.synthetic.scenes import (  # noqa: F401  (re-exported: the sets' vocabulary and scenes)
-    BACKGROUNDS, COLOURS, DIALOGUE_POSITION, POSITIONS, SHAPES, SIZES, Pair, Scene, _a,
-    _DISTRACTOR_ANSWERS, _eval_scene, _pick, _rng, _save_jpeg, all_pairs, caption_for,
+    BACKGROUNDS, COLOURS, DIALOGUE_POSITION, POSITIONS, SHAPES, SIZES, Pair, Scene, with_article,
+    DISTRACTOR_ANSWERS, eval_scene, pick_one, stream_rng, save_jpeg, all_pairs, caption_for,
     choose_heldout_pairs, described_caption, dialogue_caption_for, draw_scene, sample_scene,
     visdial_rounds,
 )
@@ -84,16 +84,16 @@ def _write_cc3m_split(out: Path, split: str, n: int, seed: int, image_size: int,
                       seen: Sequence[Pair], heldout: Sequence[Pair], heldout_frac: float
                       ) -> list[dict[str, Any]]:
     """Draw one CC3M-format split; training only uses seen pairs."""
-    rng = _rng(seed, f"cc3m_{split}")
+    rng = stream_rng(seed, f"cc3m_{split}")
     rows, meta = ["caption\timage"], []
     for i in range(n):
         if split == "train":
             scene, is_heldout = sample_scene(rng, seen), False
         else:
-            scene, is_heldout = _eval_scene(rng, seen, heldout, heldout_frac)
+            scene, is_heldout = eval_scene(rng, seen, heldout, heldout_frac)
         name = f"{split}_{i:06d}.jpg"
         caption = caption_for(scene, rng)
-        _save_jpeg(draw_scene(scene, image_size, rng), out / "images" / name)
+        save_jpeg(draw_scene(scene, image_size, rng), out / "images" / name)
         rows.append(f"{caption}\t{name}")
         meta.append({"image": name, "caption": caption, "heldout": is_heldout, **scene.to_meta()})
     tsv = out / "dataset" / f"cc3m_{split}.tsv"
@@ -110,7 +110,7 @@ def visdial_image_name(image_id: int, split: str = "val") -> str:
 def _write_visdial(out: Path, n: int, seed: int, image_size: int, seen: Sequence[Pair],
                    heldout: Sequence[Pair], heldout_frac: float) -> list[dict[str, Any]]:
     """VisDial 1.0 val: 10 rounds per dialogue, 100 answer options with the truth at gt_index."""
-    rng = _rng(seed, "visdial")
+    rng = stream_rng(seed, "visdial")
     root = out / "VisualDialog"
     image_ids = sorted(int(x) + 100_000 for x in rng.choice(900_000, size=n, replace=False))
     questions: dict[str, int] = {}
@@ -121,14 +121,14 @@ def _write_visdial(out: Path, n: int, seed: int, image_size: int, seen: Sequence
 
     raw, meta = [], []
     for image_id in image_ids:
-        scene, is_heldout = _eval_scene(rng, seen, heldout, heldout_frac)
-        _save_jpeg(draw_scene(scene, image_size, rng),
+        scene, is_heldout = eval_scene(rng, seen, heldout, heldout_frac)
+        save_jpeg(draw_scene(scene, image_size, rng),
                    root / "VisualDialog_val2018" / visdial_image_name(image_id))
         rounds = visdial_rounds(scene, rng)
         raw.append((image_id, dialogue_caption_for(scene, rng),
                     [(index(questions, q), index(answers, a)) for q, a in rounds]))
         meta.append({"image_id": image_id, "heldout": is_heldout, **scene.to_meta()})
-    for text in _DISTRACTOR_ANSWERS:
+    for text in DISTRACTOR_ANSWERS:
         index(answers, text)
     n_answers = len(answers)
     if n_answers < 100:  # pragma: no cover - the distractor list alone has more than 100
@@ -189,7 +189,7 @@ def _text_pool() -> tuple[list[str], list[Pair | None]]:
     for colour, shape in all_pairs():
         for template in _NP_RESPONSES:
             for size in ("", "small ", "large "):
-                texts.append(template.format(np=_a(f"{size}{colour} {shape}")))
+                texts.append(template.format(np=with_article(f"{size}{colour} {shape}")))
                 pairs.append((colour, shape))
         for template in _ANSWER_RESPONSES:
             texts.append(template.format(shape=shape, colour=colour))
@@ -237,9 +237,9 @@ def _opening_turns(rng: np.random.Generator) -> list[list[dict[str, str]]]:
     """Zero or two chit-chat turns (user, then system)."""
     if rng.random() < 0.5:
         return []
-    return [[{"__TEXT__": _pick(rng, ["hi there :wave:", "hello! how are you",
+    return [[{"__TEXT__": pick_one(rng, ["hi there :wave:", "hello! how are you",
                                        "good morning :sunny:", "hey, can you help me"])}],
-            [{"__TEXT__": _pick(rng, ["hi! i am fine, thanks :smile:", "hello, nice to meet you",
+            [{"__TEXT__": pick_one(rng, ["hi! i am fine, thanks :smile:", "hello, nice to meet you",
                                        "of course, what do you need"])}]]
 
 
@@ -253,31 +253,31 @@ def _make_dialogue(rng: np.random.Generator, pair: Pair, new_image: Callable[[Pa
     and asks for one like it; target image, with or without text).
     """
     colour, shape = pair
-    np_ = _a(f"{colour} {shape}")
+    np_ = with_article(f"{colour} {shape}")
     turns = _opening_turns(rng)
-    scenario = _pick(rng, ["request", "describe", "another"])
+    scenario = pick_one(rng, ["request", "describe", "another"])
     if scenario == "request":
-        turns.append([{"__TEXT__": _pick(rng, [f"can you show me {np_}",
+        turns.append([{"__TEXT__": pick_one(rng, [f"can you show me {np_}",
                                                 f"do you have a picture of {np_}",
                                                 f"i would like to see {np_} please",
                                                 f"send me {np_} :pray:"])}])
     elif scenario == "describe":
         turns.append([{"__MEDIA__": new_image(pair)},
-                      {"__TEXT__": _pick(rng, [f"what color is the {shape} in this picture",
+                      {"__TEXT__": pick_one(rng, [f"what color is the {shape} in this picture",
                                                 f"which color does my {shape} have"])}])
     else:
         turns.append([{"__TEXT__": f"look at my {colour} {shape} :heart_eyes:"},
                       {"__MEDIA__": new_image(pair)}])
-        turns.append([{"__TEXT__": _pick(rng, ["wow, it looks great", "nice one :thumbsup:"])}])
-        turns.append([{"__TEXT__": _pick(rng, ["do you have another one like it",
+        turns.append([{"__TEXT__": pick_one(rng, ["wow, it looks great", "nice one :thumbsup:"])}])
+        turns.append([{"__TEXT__": pick_one(rng, ["do you have another one like it",
                                                 "can you send me a similar picture"])}])
     if scenario == "describe":
-        target = [{"__TEXT__": _pick(rng, list(_ANSWER_RESPONSES)).format(shape=shape,
+        target = [{"__TEXT__": pick_one(rng, list(_ANSWER_RESPONSES)).format(shape=shape,
                                                                           colour=colour)}]
     else:
         target = [{"__MEDIA__": new_image(pair)}]
         if rng.random() < 0.7:  # most responses pair the image with a sentence
-            target.insert(0, {"__TEXT__": _pick(rng, list(_NP_RESPONSES)).format(np=np_)})
+            target.insert(0, {"__TEXT__": pick_one(rng, list(_NP_RESPONSES)).format(np=np_)})
     turns.append(target)
     return turns, scenario
 
@@ -287,14 +287,14 @@ def _write_mmdialog(out: Path, n: int, seed: int, image_size: int, n_negatives: 
                     ) -> dict[str, Any]:
     """MMDialog test: dialogues plus ``n_negatives`` negative texts and images per dialogue,
     drawn from one shared pool (no pool at all when ``n`` is 0)."""
-    rng = _rng(seed, "mmdialog")
+    rng = stream_rng(seed, "mmdialog")
     root = out / "MMDialog" / "test"
     taken: set[str] = set()
     media_meta: dict[str, Any] = {}
 
     def add_image(scene: Scene) -> str:
         key = _media_keys(rng, 1, taken)[0]
-        _save_jpeg(draw_scene(scene, image_size, rng), root / f"{key}.jpg")
+        save_jpeg(draw_scene(scene, image_size, rng), root / f"{key}.jpg")
         media_meta[key] = scene.to_meta()
         return key
 
@@ -321,7 +321,7 @@ def _write_mmdialog(out: Path, n: int, seed: int, image_size: int, n_negatives: 
     dialogues, meta = [], []
     for i in range(n):
         is_heldout = bool(heldout) and bool(rng.random() < heldout_frac)
-        pair = _pick(rng, heldout) if is_heldout else _pick(rng, seen)
+        pair = pick_one(rng, heldout) if is_heldout else pick_one(rng, seen)
         turns, scenario = _make_dialogue(rng, pair, new_image)
         # Excluding every text of the dialogue (not only the last turn's) keeps the pool free of
         # false negatives for the "every turn" target option too.

@@ -92,12 +92,12 @@ class Scene:
         return {"background": self.background, "objects": [o.to_meta() for o in self.objects]}
 
 
-def _rng(seed: int, stream: str) -> np.random.Generator:
+def stream_rng(seed: int, stream: str) -> np.random.Generator:
     """An independent generator per output stream, so e.g. changing ``n_val`` leaves train alone."""
     return np.random.default_rng([seed, zlib.crc32(stream.encode("utf-8"))])
 
 
-def _pick(rng: np.random.Generator, items: Sequence[Any]) -> Any:
+def pick_one(rng: np.random.Generator, items: Sequence[Any]) -> Any:
     return items[int(rng.integers(len(items)))]
 
 
@@ -150,7 +150,7 @@ def draw_scene(scene: Scene, image_size: int, rng: np.random.Generator) -> Image
     return img.reduce(_SUPERSAMPLE)  # box-average each 4x4 block: fast and exact
 
 
-def _save_jpeg(img: Image.Image, path: Path) -> None:
+def save_jpeg(img: Image.Image, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     img.save(path, format="JPEG", quality=90)
 
@@ -174,7 +174,7 @@ def choose_heldout_pairs(seed: int, n_heldout: int) -> list[Pair]:
     limit = min(len(COLOURS), len(SHAPES))
     if not 0 <= n_heldout <= limit:
         raise ValueError(f"n_heldout must be in [0, {limit}], got {n_heldout}")
-    rng = _rng(seed, "heldout")
+    rng = stream_rng(seed, "heldout")
     colours = [list(COLOURS)[i] for i in rng.permutation(len(COLOURS))]
     shapes = [SHAPES[i] for i in rng.permutation(len(SHAPES))]
     return sorted(zip(colours[:n_heldout], shapes[:n_heldout], strict=True))
@@ -196,17 +196,17 @@ def sample_scene(rng: np.random.Generator, allowed: Sequence[Pair],
         free = [p for p in allowed if p[0] not in used_c and p[1] not in used_s]
         if not free:  # cannot happen with the vocabulary above, but never loop forever
             break
-        pairs.append(_pick(rng, free))
-    objects = tuple(Obj(c, s, _pick(rng, list(SIZES)), pos)
+        pairs.append(pick_one(rng, free))
+    objects = tuple(Obj(c, s, pick_one(rng, list(SIZES)), pos)
                     for (c, s), pos in zip(pairs, positions[:len(pairs)], strict=True))
-    return Scene(background=_pick(rng, list(BACKGROUNDS)), objects=objects)
+    return Scene(background=pick_one(rng, list(BACKGROUNDS)), objects=objects)
 
 
-def _eval_scene(rng: np.random.Generator, seen: Sequence[Pair], heldout: Sequence[Pair],
+def eval_scene(rng: np.random.Generator, seen: Sequence[Pair], heldout: Sequence[Pair],
                 heldout_frac: float) -> tuple[Scene, bool]:
     """An evaluation scene whose first object is a held-out pair with probability heldout_frac."""
     use_heldout = bool(heldout) and bool(rng.random() < heldout_frac)
-    forced = _pick(rng, heldout) if use_heldout else _pick(rng, seen)
+    forced = pick_one(rng, heldout) if use_heldout else pick_one(rng, seen)
     return sample_scene(rng, seen, forced=forced), use_heldout
 
 
@@ -215,7 +215,7 @@ def _eval_scene(rng: np.random.Generator, seen: Sequence[Pair], heldout: Sequenc
 # ----------------------------------------------------------------------------------------------
 
 
-def _a(phrase: str) -> str:
+def with_article(phrase: str) -> str:
     """Prefix the right indefinite article ("an orange star", "a large orange star")."""
     return ("an " if phrase[0] in "aeiou" else "a ") + phrase
 
@@ -224,7 +224,7 @@ def _np(obj: Obj, with_size: bool) -> str:
     """'a large red circle' / 'a red circle'. Colour always directly precedes shape, which is
     what the held-out check in the tests relies on."""
     core = f"{obj.colour} {obj.shape}"
-    return _a(f"{obj.size} {core}" if with_size else core)
+    return with_article(f"{obj.size} {core}" if with_size else core)
 
 
 def _relation(o1: Obj, o2: Obj) -> str | None:
@@ -250,10 +250,10 @@ def described_caption(scene: Scene, rng: np.random.Generator) -> str:
     ("Q: ...? A: ...") never appears in training."""
     objs, bg = scene.objects, scene.background
     count = "one shape" if len(objs) == 1 else f"{NUMBER_WORDS[len(objs)]} shapes"
-    sentences = [_pick(rng, [f"{count} on {_a(bg)} background", f"{_a(bg)} picture with {count}",
+    sentences = [pick_one(rng, [f"{count} on {with_article(bg)} background", f"{with_article(bg)} picture with {count}",
                              f"the picture shows {count}"])]
     for o in objs:
-        sentences.append(_pick(rng, [
+        sentences.append(pick_one(rng, [
             f"the {o.shape} is {o.colour} and {o.size}, {CAPTION_POSITION[o.position]}",
             f"the {o.shape} {CAPTION_POSITION[o.position]} is {o.colour}",
             f"the {o.size} {o.shape} is {o.colour}",
@@ -275,9 +275,9 @@ def caption_for(scene: Scene, rng: np.random.Generator) -> str:
         templates = [
             f"{_np(o, True)}",
             f"{_np(o, size)} {CAPTION_POSITION[o.position]}",
-            f"{_np(o, size)} on {_a(bg)} background",
+            f"{_np(o, size)} on {with_article(bg)} background",
             f"a picture of {_np(o, size)} {CAPTION_POSITION[o.position]}",
-            f"a drawing of {_np(o, True)} on {_a(bg)} background",
+            f"a drawing of {_np(o, True)} on {with_article(bg)} background",
         ]
     elif len(objs) == 2:
         o1, o2 = objs
@@ -285,7 +285,7 @@ def caption_for(scene: Scene, rng: np.random.Generator) -> str:
         templates = [
             f"{_np(o1, size)} {CAPTION_POSITION[o1.position]} and "
             f"{_np(o2, size)} {CAPTION_POSITION[o2.position]}",
-            f"{_np(o1, size)} and {_np(o2, size)} on {_a(bg)} background",
+            f"{_np(o1, size)} and {_np(o2, size)} on {with_article(bg)} background",
             f"two shapes: {_np(o1, True)} and {_np(o2, True)}",
         ]
         if rel is not None:
@@ -294,27 +294,27 @@ def caption_for(scene: Scene, rng: np.random.Generator) -> str:
         o1, o2, o3 = objs
         templates = [
             f"{_np(o1, size)}, {_np(o2, size)} and {_np(o3, size)}",
-            f"three shapes on {_a(bg)} background: {_np(o1, False)}, {_np(o2, False)} "
+            f"three shapes on {with_article(bg)} background: {_np(o1, False)}, {_np(o2, False)} "
             f"and {_np(o3, False)}",
             f"{_np(o1, False)} {CAPTION_POSITION[o1.position]}, {_np(o2, False)} "
             f"{CAPTION_POSITION[o2.position]} and {_np(o3, False)} {CAPTION_POSITION[o3.position]}",
         ]
-    return _pick(rng, templates)
+    return pick_one(rng, templates)
 
 
 def dialogue_caption_for(scene: Scene, rng: np.random.Generator) -> str:
     """A VisDial caption: COCO-like, only partly descriptive, worded unlike the training set."""
     objs, o = scene.objects, scene.objects[0]
     if len(objs) == 1:
-        templates = [f"a simple drawing of {_a(o.shape)}",
-                     f"there is {_a(o.colour)} {o.shape} {DIALOGUE_POSITION[o.position]}"]
+        templates = [f"a simple drawing of {with_article(o.shape)}",
+                     f"there is {with_article(o.colour)} {o.shape} {DIALOGUE_POSITION[o.position]}"]
     else:
         others = len(objs) - 1
-        templates = [f"a drawing with {NUMBER_WORDS[len(objs)]} shapes on {_a(scene.background)} "
+        templates = [f"a drawing with {NUMBER_WORDS[len(objs)]} shapes on {with_article(scene.background)} "
                      f"background",
-                     f"{_a(o.colour)} {o.shape} next to {NUMBER_WORDS[others]} other "
+                     f"{with_article(o.colour)} {o.shape} next to {NUMBER_WORDS[others]} other "
                      f"shape{'s' if others > 1 else ''}"]
-    return _pick(rng, templates)
+    return pick_one(rng, templates)
 
 
 def visdial_rounds(scene: Scene, rng: np.random.Generator, n_rounds: int = 10
@@ -324,28 +324,28 @@ def visdial_rounds(scene: Scene, rng: np.random.Generator, n_rounds: int = 10
     n = len(objs)
     # Always ask the count, each object's colour and its place: enough to identify the image.
     required: list[tuple[str, str]] = [(
-        _pick(rng, ["how many objects are there", "how many shapes can you see"]),
+        pick_one(rng, ["how many objects are there", "how many shapes can you see"]),
         "just one" if n == 1 else NUMBER_WORDS[n])]
     for o in objs:
         required.append((f"what color is the {o.shape}",
-                         _pick(rng, [f"it is {o.colour}", o.colour, f"it's {o.colour}"])))
+                         pick_one(rng, [f"it is {o.colour}", o.colour, f"it's {o.colour}"])))
         required.append((f"where is the {o.shape}", DIALOGUE_POSITION[o.position]))
     optional: list[tuple[str, str]] = []
     for o in objs:
         optional.append((f"is the {o.shape} big",
                          "yes, it is big" if o.size == "large" else "no, it is small"))
-        optional.append((f"what shape is the {o.colour} one", _a(o.shape)))
-        other = _pick(rng, [p for p in POSITIONS if p != o.position])
-        asked = _pick(rng, [o.position, other])
+        optional.append((f"what shape is the {o.colour} one", with_article(o.shape)))
+        other = pick_one(rng, [p for p in POSITIONS if p != o.position])
+        asked = pick_one(rng, [o.position, other])
         optional.append((f"is the {o.shape} {DIALOGUE_POSITION[asked]}",
                          "yes" if asked == o.position else f"no, {DIALOGUE_POSITION[o.position]}"))
     present = {o.shape for o in objs}
     for shape in SHAPES:
-        optional.append((f"is there {_a(shape)}",
+        optional.append((f"is there {with_article(shape)}",
                          "yes, there is one" if shape in present else "no"))
     optional += [
         ("what color is the background",
-         _pick(rng, [scene.background, f"it is {scene.background}"])),
+         pick_one(rng, [scene.background, f"it is {scene.background}"])),
         ("is this a photo", "no, it is a drawing"),
         ("are there any people", "no"),
         ("is there any text", "no text"),
@@ -359,17 +359,17 @@ def visdial_rounds(scene: Scene, rng: np.random.Generator, n_rounds: int = 10
 
 
 # Distractor answers guarantee 100 distinct answer options per round however small the set is.
-_DISTRACTOR_ANSWERS: list[str] = (
+DISTRACTOR_ANSWERS: list[str] = (
     ["yes", "no", "maybe", "not sure", "i think so", "i don't think so", "one", "two", "three",
      "four", "five", "many", "none", "i can't tell", "yes, it is", "no, it isn't"]
     + [f"it is {c}" for c in COLOURS] + list(COLOURS) + [f"it's {c}" for c in COLOURS]
     + [f"it is {b}" for b in BACKGROUNDS] + list(BACKGROUNDS)
-    + [_a(s) for s in SHAPES] + [f"it is {_a(s)}" for s in SHAPES]
+    + [with_article(s) for s in SHAPES] + [f"it is {with_article(s)}" for s in SHAPES]
     + list(DIALOGUE_POSITION.values()) + [f"no, {p}" for p in DIALOGUE_POSITION.values()]
     + ["yes, it is big", "no, it is small", "yes, there is one", "no, it is a drawing",
        "no text", "just one", "it is a photo", "a little", "very big", "quite small",
        "i don't know", "hard to say", "it is dark", "it is bright", "yes, very", "not at all"]
-    + [f"i think it is {c}" for c in COLOURS] + [f"probably {_a(s)}" for s in SHAPES]
+    + [f"i think it is {c}" for c in COLOURS] + [f"probably {with_article(s)}" for s in SHAPES]
     + [f"yes, {p}" for p in DIALOGUE_POSITION.values()] + [f"there are {w}" for w in
                                                             ("two", "three", "four", "many")]
 )

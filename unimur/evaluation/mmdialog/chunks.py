@@ -15,7 +15,7 @@ from typing import Sequence
 import torch
 
 from unimur.inference.image_embeddings import TENSORS, ImageEmbeddings
-from unimur.evaluation.common import _add
+from unimur.evaluation.common import add_count
 from unimur.data.mmdialog import MMDialogQuery, media_path
 from unimur.inference.retriever import Embedder, NoUsableImages
 
@@ -27,7 +27,7 @@ _POOL_HINT = ("a set with fewer negatives per dialogue states its size with --n-
               "synthetic sets: the --n-negatives they were generated with)")
 
 
-class _MediaTable:
+class MediaTable:
     """Media key -> row of an :class:`ImageEmbeddings`.
 
     Ids are matched exactly, or by file stem when the file stores paths (FROMAGe's pickle keeps
@@ -143,7 +143,7 @@ def _resolve_query(q: MMDialogQuery, has: Callable[[str], bool], given: bool, dr
         context.append((kind, value))
         turn_of.append(turn)
     negatives = [k for k in q.negative_media_keys if has(k)]
-    _add(dropped, f"negative_image_{missing}", len(q.negative_media_keys) - len(negatives))
+    add_count(dropped, f"negative_image_{missing}", len(q.negative_media_keys) - len(negatives))
     if not all(has(k) for k in q.gt_media_keys):
         return None
     return replace(q, context=context, context_turns=turn_of, negative_media_keys=negatives)
@@ -159,10 +159,10 @@ def _distinct_negatives(q: MMDialogQuery, dropped: Counter) -> MMDialogQuery:
     keys = list(dict.fromkeys(k for k in q.negative_media_keys if k not in gt_m))
     n_gt_t = sum(t in gt_t for t in q.negative_texts)
     n_gt_m = sum(k in gt_m for k in q.negative_media_keys)
-    _add(dropped, "negative_text_equal_to_gt", n_gt_t)
-    _add(dropped, "negative_image_equal_to_gt", n_gt_m)
-    _add(dropped, "duplicate_negative_text", len(q.negative_texts) - n_gt_t - len(texts))
-    _add(dropped, "duplicate_negative_image", len(q.negative_media_keys) - n_gt_m - len(keys))
+    add_count(dropped, "negative_text_equal_to_gt", n_gt_t)
+    add_count(dropped, "negative_image_equal_to_gt", n_gt_m)
+    add_count(dropped, "duplicate_negative_text", len(q.negative_texts) - n_gt_t - len(texts))
+    add_count(dropped, "duplicate_negative_image", len(q.negative_media_keys) - n_gt_m - len(keys))
     return replace(q, negative_texts=texts, negative_media_keys=keys)
 
 
@@ -203,13 +203,13 @@ class ChunkedQueries:
         self.queries, self.chunk_size = queries, chunk_size
         self.n_negatives, self.with_text = n_negatives, with_text
         self.given = embeddings is not None
-        self.given_table = _MediaTable(embeddings) if embeddings is not None else None
+        self.given_table = MediaTable(embeddings) if embeddings is not None else None
         self.image_cache = (None if embeddings is not None
                             else _ImageEmbeddingCache(embedder, mmdialog_dir, split))
         self.skipped: Counter = Counter()
         self.n_scorable = 0
 
-    def __iter__(self) -> Iterator[tuple[list[MMDialogQuery], _MediaTable]]:
+    def __iter__(self) -> Iterator[tuple[list[MMDialogQuery], MediaTable]]:
         ready: list[MMDialogQuery] = []
         it = iter(self.queries)
         while batch := list(islice(it, self.chunk_size)):
@@ -220,10 +220,10 @@ class ChunkedQueries:
         if ready:
             yield ready, self._table(ready)
 
-    def _table(self, part: list[MMDialogQuery]) -> _MediaTable:
+    def _table(self, part: list[MMDialogQuery]) -> MediaTable:
         if self.given_table is not None:
             return self.given_table
-        return _MediaTable(self.image_cache.table(_needed_media(part)))
+        return MediaTable(self.image_cache.table(_needed_media(part)))
 
     def _prepare(self, batch: list[MMDialogQuery]) -> list[MMDialogQuery]:
         if self.given_table is not None:

@@ -15,7 +15,7 @@ _GATHER_ELEMENTS = 1 << 25
 
 
 @dataclass
-class _Pools:
+class Pools:
     """Per-query candidate pools padded to a common width P.
 
     index:    [Q, P] int64 row of each candidate in its embedding table (0 at padding).
@@ -29,7 +29,7 @@ class _Pools:
 
     @classmethod
     def build(cls, negatives: Sequence[Sequence[int]], positives: Sequence[Sequence[int]]
-              ) -> "_Pools":
+              ) -> "Pools":
         """Pools laid out as negatives then positives (ties count against the positives)."""
         rows = [list(n) + list(p) for n, p in zip(negatives, positives)]
         width = max((len(r) for r in rows), default=0)
@@ -50,7 +50,7 @@ class _Pools:
 
 
 @torch.no_grad()
-def _pool_scores(u: Tensor, table: Tensor, pools: _Pools) -> Tensor:
+def _pool_scores(u: Tensor, table: Tensor, pools: Pools) -> Tensor:
     """Cosine of each query with each of its pool's candidates.
 
     Args:
@@ -72,25 +72,25 @@ def _pool_scores(u: Tensor, table: Tensor, pools: _Pools) -> Tensor:
 
 
 @dataclass
-class _Scored:
+class Scored:
     """One modality's scores and ranks.
 
     scores: [Q, P] (-inf at padding); ranks: [num gt elements] aligned with
     ``pools.positive.nonzero()``; top_score / top_col: [Q] best score and its pool column.
     """
 
-    pools: _Pools
+    pools: Pools
     scores: Tensor
     ranks: Tensor
     top_score: Tensor
     top_col: Tensor
 
     @classmethod
-    def compute(cls, u: Tensor, table: Tensor, pools: _Pools) -> "_Scored":
+    def compute(cls, u: Tensor, table: Tensor, pools: Pools) -> "Scored":
         return cls.from_scores(_pool_scores(u, table, pools), pools)
 
     @classmethod
-    def from_scores(cls, scores: Tensor, pools: _Pools) -> "_Scored":
+    def from_scores(cls, scores: Tensor, pools: Pools) -> "Scored":
         """From [Q, P] scores in pool layout (-inf at padding)."""
         scores = scores.masked_fill(~pools.valid, float("-inf"))
         ranks = ranks_in_pools(scores, pools.positive, pools.valid)

@@ -14,11 +14,11 @@ import torch
 from torch import Tensor
 
 from unimur.inference.image_embeddings import ImageEmbeddings
-from unimur.evaluation.common import (EXAMPLE_TOP_K, N_EXAMPLES, _check_dims, _ranked, _split_counts, _timing,
-                        _valid, supports_text_retrieval)
+from unimur.evaluation.common import (EXAMPLE_TOP_K, N_EXAMPLES, check_dims, ranked_top_k, split_counts, timing_of,
+                        is_valid_score, supports_text_retrieval)
 from unimur.data.mmdialog import MMDialogQuery, MMDialogStream, media_path
-from unimur.evaluation.mmdialog.chunks import POOL_REASONS, ChunkedQueries, _MediaTable
-from unimur.evaluation.mmdialog.pool_scoring import _Pools, _Scored
+from unimur.evaluation.mmdialog.chunks import POOL_REASONS, ChunkedQueries, MediaTable
+from unimur.evaluation.mmdialog.pool_scoring import Pools, Scored
 from unimur.inference.prompting import DEFAULT_PROMPT_STYLE, PromptBuilder, candidate_text
 from unimur.inference.rules import (IMAGE_RULES, RET_MAX_TOKENS, TEXT_RANKINGS, describe_image_rule,  # noqa: F401
                              image_output_quality, image_outputs, response_rules)
@@ -34,7 +34,7 @@ _MMDIALOG_QUERY_REASONS = {"empty_target_turn", "missing_target_image", "empty_c
 MMDIALOG_NEGATIVES = 999
 
 
-def _prompts(queries: Sequence[MMDialogQuery], table: _MediaTable, builder: PromptBuilder,
+def _prompts(queries: Sequence[MMDialogQuery], table: MediaTable, builder: PromptBuilder,
              reserve: Sequence[int]) -> tuple[list[list], int]:
     """Each query's context as the LLM reads it (`unimur.inference.prompting`: text as ``str``, images as
     their W_cap input feature, in the builder's style), fitted with ``reserve[q]`` positions
@@ -54,24 +54,24 @@ def _prompts(queries: Sequence[MMDialogQuery], table: _MediaTable, builder: Prom
     return contexts, cut
 
 
-def _text_pools(queries: Sequence[MMDialogQuery]) -> tuple[list[str], _Pools]:
+def _text_pools(queries: Sequence[MMDialogQuery]) -> tuple[list[str], Pools]:
     """Distinct texts (each embedded once: negatives repeat across dialogues) and the pools."""
     texts: dict[str, int] = {}
     for q in queries:
         for t in (*q.negative_texts, *q.gt_texts):
             texts.setdefault(t, len(texts))
-    pools = _Pools.build([[texts[t] for t in q.negative_texts] for q in queries],
+    pools = Pools.build([[texts[t] for t in q.negative_texts] for q in queries],
                          [[texts[t] for t in q.gt_texts] for q in queries])
     return list(texts), pools
 
 
-def _image_pools(queries: Sequence[MMDialogQuery], table: _MediaTable) -> _Pools:
-    return _Pools.build([[table.row(k) for k in q.negative_media_keys] for q in queries],
+def _image_pools(queries: Sequence[MMDialogQuery], table: MediaTable) -> Pools:
+    return Pools.build([[table.row(k) for k in q.negative_media_keys] for q in queries],
                         [[table.row(k) for k in q.gt_media_keys] for q in queries])
 
 
-def _likelihood_texts(embedder: Embedder, contexts: list[list], text_table: list[str], pools: _Pools
-                      ) -> tuple[_Scored, _Scored]:
+def _likelihood_texts(embedder: Embedder, contexts: list[list], text_table: list[str], pools: Pools
+                      ) -> tuple[Scored, Scored]:
     """FROMAGe's text ranking: each query's pool scored by log p(text | context) under the
     frozen LLM (``text_table`` as read after the prompt); (sum, mean per token) as two scorings
     of the same pools: FROMAGe ranks by the sum."""
@@ -82,7 +82,7 @@ def _likelihood_texts(embedder: Embedder, contexts: list[list], text_table: list
         texts = [text_table[int(i)] for i in pools.index[q, cols]]
         sums, means = embedder.text_log_likelihoods(context, texts)
         total[q, cols], mean[q, cols] = sums.float(), means.float()
-    return _Scored.from_scores(total, pools), _Scored.from_scores(mean, pools)
+    return Scored.from_scores(total, pools), Scored.from_scores(mean, pools)
 
 
 def _bar(items, desc: str):
@@ -94,7 +94,7 @@ def _bar(items, desc: str):
                 disable=len(items) < 50)
 
 
-def _overall_ranks(texts: _Scored, images: _Scored, image_out: Tensor) -> tuple[Tensor, Tensor]:
+def _overall_ranks(texts: Scored, images: Scored, image_out: Tensor) -> tuple[Tensor, Tensor]:
     """Ranks of every ground-truth element of both modalities, and which are missed: an image
     element of a response for which no image is output (never a hit; its rank for the mean
     rank: its pool size + 1)."""
@@ -106,8 +106,8 @@ def _overall_ranks(texts: _Scored, images: _Scored, image_out: Tensor) -> tuple[
             torch.cat([torch.zeros(texts.ranks.numel(), dtype=torch.bool), missed.cpu()]))
 
 
-def _attribute_consistency(labels, embeddings: ImageEmbeddings, images: _Scored, image_out: Tensor,
-                           text_table: list[str], texts: _Scored) -> tuple[int, int]:
+def _attribute_consistency(labels, embeddings: ImageEmbeddings, images: Scored, image_out: Tensor,
+                           text_table: list[str], texts: Scored) -> tuple[int, int]:
     """(consistent, responses) over responses with both outputs: consistent when the top-1 text
     names an object (its attribute tuple) that the top-1 image shows; naming nothing is not."""
     both = (image_out & texts.has_output()).nonzero()[:, 0].tolist()
@@ -116,8 +116,8 @@ def _attribute_consistency(labels, embeddings: ImageEmbeddings, images: _Scored,
     return sum(hits), len(hits)
 
 
-def _consistency(embedder: Embedder, embeddings: ImageEmbeddings, images: _Scored,
-                 image_out: Tensor, text_table: list[str], texts: _Scored) -> tuple[float, int]:
+def _consistency(embedder: Embedder, embeddings: ImageEmbeddings, images: Scored,
+                 image_out: Tensor, text_table: list[str], texts: Scored) -> tuple[float, int]:
     """Summed CLIP cosine between the top-1 image (CLIP-V) and top-1 text (CLIP-T) of each query
     that outputs both, and how many: (0.0, 0) when none does or there is no CLIP-V embedding."""
     both = image_out & texts.has_output()
@@ -290,7 +290,7 @@ def evaluate_mmdialog(embedder: Embedder, mmdialog_dir: str | Path, *, split: st
     skipped.update(chunks.skipped)
     chunks.check_end(skipped)
     image_skips = chunks.image_cache.unreadable if chunks.image_cache is not None else Counter()
-    counts = _split_counts(skipped, {"skipped_dialogues": _MMDIALOG_DIALOGUE_REASONS,
+    counts = split_counts(skipped, {"skipped_dialogues": _MMDIALOG_DIALOGUE_REASONS,
                                      "skipped_queries": _MMDIALOG_QUERY_REASONS | POOL_REASONS
                                      | {"unreadable_target_image", "empty_context_after_image_drop"}},
                            rest="dropped_elements")
@@ -314,7 +314,7 @@ def evaluate_mmdialog(embedder: Embedder, mmdialog_dir: str | Path, *, split: st
             "image_outputs": int(_Totals.cat(totals.image_out, torch.bool).sum()),
             "consistency_pairs": totals.consistency[1], "attribute_consistency_pairs": totals.attribute[1],
         },
-        "timing": _timing(t0, chunks.n_scorable),
+        "timing": timing_of(t0, chunks.n_scorable),
         "examples": totals.examples,
         "notes": _mmdialog_notes(with_text, table.embeddings, metrics["cross_modal_consistency"],
                                  attribute_labels is not None),
@@ -378,7 +378,7 @@ def _settings(rules: _Rules, split: str, target: str, mmdialog_dir, embeddings: 
     }
 
 
-def _evaluate_chunk(part: list[MMDialogQuery], embedder: Embedder, table: _MediaTable,
+def _evaluate_chunk(part: list[MMDialogQuery], embedder: Embedder, table: MediaTable,
                     text_cache: _TextEmbeddingCache, totals: _Totals, rules: _Rules, *,
                     attribute_labels, mmdialog_dir, split: str, n_examples: int) -> None:
     """Embed, score and rank one chunk of queries; add what it leaves behind to ``totals``."""
@@ -386,9 +386,9 @@ def _evaluate_chunk(part: list[MMDialogQuery], embedder: Embedder, table: _Media
     contexts, cut = _prompts(part, table, rules.builder, [rules.reserve(q) for q in part])
     totals.contexts_cut += cut
     u = embedder.embed_queries(contexts).float().cpu()                            # [c, E]
-    _check_dims(u, embeddings.embeds, "the image embeddings")
+    check_dims(u, embeddings.embeds, "the image embeddings")
     image_pools = _image_pools(part, table)
-    images = _Scored.compute(u, embeddings.embeds, image_pools)
+    images = Scored.compute(u, embeddings.embeds, image_pools)
     text_table, text_pools = _text_pools(part)
     texts = texts_mean = None
     if rules.text_ranking == "likelihood":
@@ -397,14 +397,14 @@ def _evaluate_chunk(part: list[MMDialogQuery], embedder: Embedder, table: _Media
         totals.text_mean.append(texts_mean.ranks)
     elif rules.with_text:
         text_embeds = text_cache.table(text_table)                               # [N_chunk, E]
-        _check_dims(u, text_embeds, "the text embeddings")
-        texts = _Scored.compute(u, text_embeds, text_pools)
+        check_dims(u, text_embeds, "the text embeddings")
+        texts = Scored.compute(u, text_embeds, text_pools)
     generations = (embedder.generate_responses(contexts, rules.ret_max_tokens)
                    if rules.image_rule == "ret-token" else None)
     image_out = image_outputs(images.has_output(), images.top_score, rules.image_rule, rules.image_threshold,
                               generations.ret if generations is not None else None)
     # the response's image: FROMAGe retrieves it with the generated [RET]'s state
-    response = images if generations is None else _Scored.compute(
+    response = images if generations is None else Scored.compute(
         torch.where(generations.ret[:, None], generations.u.float(), u), embeddings.embeds, image_pools)
     totals.image.append(images.ranks)
     totals.image_out.append(image_out)
@@ -469,16 +469,16 @@ def _render_context(q: MMDialogQuery) -> str:
 
 
 def _mmdialog_examples(queries: Sequence[MMDialogQuery], mmdialog_dir: str | Path, split: str,
-                       table: _MediaTable, images: _Scored, texts: _Scored | None,
+                       table: MediaTable, images: Scored, texts: Scored | None,
                        text_table: list[str], image_out: Tensor, n: int) -> list[dict[str, Any]]:
     """The first ``n`` queries with their top retrieved images and texts."""
     n = min(n, len(queries))
     ids = table.embeddings.ids
     path = lambda key: str(media_path(mmdialog_dir, split, key))  # noqa: E731
-    img_vals, img_cols = _ranked(images.scores[:n], EXAMPLE_TOP_K)
+    img_vals, img_cols = ranked_top_k(images.scores[:n], EXAMPLE_TOP_K)
     image_ranks = images.ranks_per_query()
     if texts is not None:
-        txt_vals, txt_cols = _ranked(texts.scores[:n], EXAMPLE_TOP_K)
+        txt_vals, txt_cols = ranked_top_k(texts.scores[:n], EXAMPLE_TOP_K)
         text_ranks = texts.ranks_per_query()
     examples = []
     for q in range(n):
@@ -493,13 +493,13 @@ def _mmdialog_examples(queries: Sequence[MMDialogQuery], mmdialog_dir: str | Pat
                 {"id": ids[int(images.pools.index[q, c])],
                  "path": path(ids[int(images.pools.index[q, c])]), "score": s,
                  "is_gt": bool(images.pools.positive[q, c])}
-                for s, c in zip(img_vals[q].tolist(), img_cols[q].tolist()) if _valid(s)],
+                for s, c in zip(img_vals[q].tolist(), img_cols[q].tolist()) if is_valid_score(s)],
         }
         if texts is not None:
             ex["text_ranks"] = text_ranks[q]
             ex["retrieved_texts"] = [
                 {"text": text_table[int(texts.pools.index[q, c])], "score": s,
                  "is_gt": bool(texts.pools.positive[q, c])}
-                for s, c in zip(txt_vals[q].tolist(), txt_cols[q].tolist()) if _valid(s)]
+                for s, c in zip(txt_vals[q].tolist(), txt_cols[q].tolist()) if is_valid_score(s)]
         examples.append(ex)
     return examples
