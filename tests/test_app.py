@@ -42,13 +42,13 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def served(request):
     pytest.importorskip("gradio", reason="the web demo needs gradio (requirements-app.txt)")
-    from unimur.inference.session import Session
+    from unimur.commands.retrieve import session_from_args
 
     tiny_pool = request.getfixturevalue("tiny_pool")  # built only when gradio is there
 
     args = app_module.parse_args(["--model-dir", str(tiny_pool.model_dir), "--images", str(tiny_pool.images),
                                   "--texts", str(tiny_pool.texts_file), "--device", "cpu"])
-    session = Session.open(args)
+    session = session_from_args(args)
     port = _free_port()
     blocks = app_module.build_app(session, k=3)
     app_module.launch(blocks, args.host, port, block=False)
@@ -133,7 +133,7 @@ def test_page_opens_with_the_given_dialogue_answered(served, tiny_pool):
 
 def test_uploaded_photo_gets_the_command_lines_embedding(served, tiny_pool, tmp_path, capsys):
     """EXIF orientation and alpha: the app reads the uploaded file with the project's loader,
-    so its answer equals `unimur.inference.session --query-image` on the same file."""
+    so its answer equals `unimur.commands.retrieve --query-image` on the same file."""
     from PIL import Image
     from test_data import _sideways_jpeg
     from test_retrieve import run_json

@@ -203,7 +203,7 @@ def test_prune_onto_a_run_folder_is_refused_and_keeps_the_runs_config(trained, t
 
 @pytest.mark.parametrize("name", ["model.safetensors", "manifest.json", "config.json", "tokenizer/vocab.json"])
 def test_extraction_onto_a_model_folder_file_is_refused(trained, images, tmp_path, name):
-    from unimur.inference.extract import main as extract_main
+    from unimur.commands.extract_vis_emb import main as extract_main
     from unimur.errors import run_cli
 
     _, ckpt = trained

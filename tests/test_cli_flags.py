@@ -3,7 +3,7 @@ import pytest
 
 import main as main_module
 from test_trainer import read_metrics, tiny_args
-from unimur.commands.train_flags import parse_args
+from unimur.commands.train import parse_args
 from unimur.train.sampling import GlobalBatchSampler
 
 

@@ -146,7 +146,7 @@ def test_pools_and_the_printed_retrieve_command(tiny_pool, tmp_path, capsys):
 
     from unimur_demo import pools as demo_pools
 
-    from unimur.inference import session as retrieve
+    from unimur.commands import retrieve
 
     from unimur.data.synthetic import generator as synthetic
     from unimur.inference.dialogue import read_dialogue
@@ -167,7 +167,7 @@ def test_pools_and_the_printed_retrieve_command(tiny_pool, tmp_path, capsys):
     commands = demo_pools.try_commands(tiny_pool.model_dir, pools)
     line = next(x for x in commands.splitlines() if "--dialogue" in x)
     argv = shlex.split(line)
-    assert argv[:3] == ["HF_HUB_OFFLINE=1", "python", "-m"] and argv[3] == "unimur.inference.session"
+    assert argv[:3] == ["HF_HUB_OFFLINE=1", "python", "-m"] and argv[3] == "unimur.commands.retrieve"
     answer = retrieve.main(argv[4:] + ["--device", "cpu"])
     assert len(answer["images"]) == 3 and len(answer["texts"]) == 3
     assert "python -m unimur.commands.app" in commands
@@ -213,7 +213,7 @@ def test_quick_demo_end_to_end(tmp_path):
         assert (out / model / "model.safetensors").is_file()
     # it ends by printing the retrieve and app commands on its own model and pools; the first runs
     assert "python -m unimur.commands.app" in proc.stdout
-    retrieve_cmd = next(x for x in proc.stdout.splitlines() if "unimur.inference.session" in x and "--dialogue" in x)
+    retrieve_cmd = next(x for x in proc.stdout.splitlines() if "unimur.commands.retrieve" in x and "--dialogue" in x)
     argv = shlex.split(retrieve_cmd)[1:] + ["--json"]
     ran = subprocess.run([sys.executable, *argv[1:]], check=False, cwd=REPO, env=env, capture_output=True,
                          text=True, timeout=600)

@@ -403,7 +403,7 @@ def check_recalls(metrics):
 
 
 def test_eval_visdial_script(e2e, tmp_path):
-    from evals import eval_visdial
+    from unimur.commands import eval_visdial
 
     root, paths, _ = e2e
     out, png = tmp_path / "visdial.json", tmp_path / "visdial.png"
@@ -421,7 +421,7 @@ def test_eval_visdial_script(e2e, tmp_path):
 
 
 def test_eval_mmdialog_script(e2e, tmp_path):
-    from evals import eval_mmdialog
+    from unimur.commands import eval_mmdialog
     from unimur.inference.retriever import ModelEmbedder
 
     root, paths, model = e2e
@@ -462,8 +462,8 @@ def other_model_dir(e2e, tmp_path) -> Path:
 
 
 def test_embeddings_of_another_model_are_refused_unless_allowed(e2e, tmp_path, capsys, monkeypatch):
-    from evals import eval_mmdialog
-    from evals.common import run_cli
+    from unimur.commands import eval_mmdialog
+    from unimur.errors import run_cli
     from unimur.inference.extract import extract, list_images
 
     root, paths, _ = e2e
@@ -502,8 +502,8 @@ def test_embeddings_of_another_model_are_refused_unless_allowed(e2e, tmp_path, c
 def test_eval_scripts_read_their_data_before_loading_the_model(e2e, tmp_path, capsys, monkeypatch):
     import shutil
 
-    from evals import eval_mmdialog, eval_visdial
-    from evals.common import run_cli
+    from unimur.commands import eval_mmdialog, eval_visdial
+    from unimur.errors import run_cli
 
     root, paths, _ = e2e
 
@@ -541,8 +541,8 @@ def test_fromage_model_reports_images_only(e2e, tiny_backbones):
 
 
 def test_scripts_fail_clearly_without_data(tmp_path, capsys):
-    from evals import eval_mmdialog, eval_visdial
-    from evals.common import run_cli
+    from unimur.commands import eval_mmdialog, eval_visdial
+    from unimur.errors import run_cli
 
     assert run_cli(eval_visdial.main, ["--visdial-dir", str(tmp_path / "nope")]) == 1
     assert "VisDial annotation file not found" in capsys.readouterr().err

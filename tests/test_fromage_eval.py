@@ -133,7 +133,7 @@ def fromage_model_dir(tmp_path_factory, tiny_backbones):
 
 
 def test_fromage_model_fills_every_cell_of_the_mmdialog_table(fromage_model_dir, tmp_path, capsys):
-    from evals import eval_mmdialog
+    from unimur.commands import eval_mmdialog
 
     model_dir, paths = fromage_model_dir
     out = tmp_path / "r.json"
@@ -177,7 +177,7 @@ def test_a_dialogue_longer_than_the_llm_positions_is_cut_and_counted(fromage_mod
     those of the set without it."""
     import shutil
 
-    from evals import eval_mmdialog
+    from unimur.commands import eval_mmdialog
 
     model_dir, paths = fromage_model_dir
     src = paths["mmdialog_dir"]

@@ -62,7 +62,7 @@ def test_two_processes_against_one(mode, factor):
 
 
 def test_fromage_method_uses_fromages_gather_and_records_it():
-    from unimur.commands.train_flags import parse_args
+    from unimur.commands.train import parse_args
 
     _, unimur = parse_args([])
     _, fromage = parse_args(["--method", "fromage"])

@@ -13,7 +13,7 @@ import torch.multiprocessing as mp
 
 from test_gather_grad import free_port
 from unimur.utils import distributed as dist_utils
-from unimur.commands.train_flags import parse_args
+from unimur.commands.train import parse_args
 from unimur.errors import UniMuRError, run_cli
 from unimur.utils.precision import GPUInfo, check_precision
 

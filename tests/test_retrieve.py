@@ -1,4 +1,4 @@
-"""`python -m unimur.inference.session`: a dialogue in, the top-k images and texts out, checked against a
+"""`python -m unimur.commands.retrieve`: a dialogue in, the top-k images and texts out, checked against a
 brute-force reference computed with the model's own encoders (tiny-opt + tiny-clip)."""
 import json
 import logging
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from unimur.inference import session as retrieve
+from unimur.commands import retrieve
 from unimur.data.cc3m import load_rgb_image
 from unimur.inference.image_embeddings import load_image_embeddings, save_fromage_pickle
 
@@ -167,11 +167,11 @@ def test_bad_input_is_one_error_line(tiny_pool, tmp_path, capsys, argv, message)
     assert message in error_line(capsys.readouterr().err)
 
 
-def test_script_path_runs_as_the_module(tiny_pool):
-    """`python unimur/inference/session.py` (the seed's script style) gives what the function gives."""
+def test_command_in_a_fresh_process_gives_what_the_function_gives(tiny_pool, tmp_path):
+    """`python -m unimur.commands.retrieve` from another folder gives what `main` gives."""
     argv = pool_args(tiny_pool, "--query", "a red circle", "-k", "2", "--json")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
-    proc = subprocess.run([sys.executable, "unimur/inference/session.py", *argv], cwd=REPO, env=env,
+    proc = subprocess.run([sys.executable, "-m", "unimur.commands.retrieve", *argv], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     answer = json.loads(proc.stdout)

@@ -235,8 +235,10 @@ def test_mmdialog_loads_with_reader(data):
 
 
 def test_cli_writes_dataset(tmp_path, capsys):
-    synthetic.main(["--out", str(tmp_path), "--seed", "1", "--n-train", "4", "--n-val", "2",
-                    "--n-visdial", "2", "--n-mmdialog", "2", "--image-size", "16",
-                    "--n-negatives", "5"])
+    from unimur.commands import synthetic as synthetic_command
+
+    synthetic_command.main(["--out", str(tmp_path), "--seed", "1", "--n-train", "4", "--n-val", "2",
+                            "--n-visdial", "2", "--n-mmdialog", "2", "--image-size", "16",
+                            "--n-negatives", "5"])
     assert json.loads(capsys.readouterr().out.split("\ndone")[0])["root"] == str(tmp_path)
     assert (tmp_path / "dataset" / "cc3m_train.tsv").is_file()

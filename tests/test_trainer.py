@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import main as main_module
-from unimur.commands.train_flags import parse_args
+from unimur.commands.train import parse_args
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -8,7 +8,7 @@ The public API, imported on first use (``import unimur`` does not load torch)::
     retriever = Retriever.from_model(model, load_image_embeddings("pool.safetensors"), texts)
     result = retriever.retrieve([["do you have a red star?"]], k=3)[0]
 
-Commands: ``python main.py`` (train), ``python evals/eval_*.py``, ``python -m unimur.inference.session``,
+Commands: ``python main.py`` (train), ``python evals/eval_*.py``, ``python -m unimur.commands.retrieve``,
 ``python -m unimur.commands.app``, ``python -m unimur_demo.pipeline`` (and the ``unimur-*`` console scripts of an
 installed package; see README.md).
 """

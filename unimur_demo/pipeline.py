@@ -9,7 +9,7 @@ What it runs, each stage with this project's own commands and functions (nothing
              VisDial- and MMDialog-format evaluation sets. Some (colour, shape) pairs are held
              out of training (``meta.json``), and the dialogues use wordings the captions never do.
              Reused when ``<out>/data`` already holds the same seed and sizes.
-2. train     ``main.main([...])`` with the pretrained offline backbones (SPEC section 6): frozen
+2. train     ``unimur.commands.train`` (= ``python main.py``) with the pretrained offline backbones (SPEC section 6): frozen
              SmolLM2-135M (``--opt-version smollm2-135m``), frozen EfficientNet-Lite0 and
              all-MiniLM-L6-v2 (``--visual-model efficientnet-lite0 --text-model all-minilm-l6-v2
              --target-proj linear``), feature cache on. Only the linear maps, [RET] and the logit
@@ -60,9 +60,6 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never wait on a model hub (SPEC section 6)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # `main.py` lives at the repository root
-    sys.path.insert(0, str(REPO))
 
 logger = logging.getLogger("unimur_demo.pipeline")
 
@@ -178,7 +175,7 @@ class SetupError(RuntimeError):
 
 
 def setup_logging() -> None:
-    """INFO to stderr. Also run after each training: `main.main` points the root logger at the
+    """INFO to stderr. Also run after each training: the training command points the root logger at the
     run's train.log, and later stages must not keep writing there."""
     root = logging.getLogger()
     for handler in list(root.handlers):
@@ -275,24 +272,13 @@ def ensure_data(root: Path, seed: int, sizes: dict[str, int]) -> dict[str, Path]
     return output_paths(root)
 
 
-def _train_entry():
-    """The repository's ``main.py`` in a checkout; the installed package's ``unimur-train``
-    (the same two calls) where the package was installed without the checkout."""
-    if (REPO / "main.py").is_file() and (REPO / "pyproject.toml").is_file():
-        import main as train_main
-
-        return train_main.main
-    from unimur.commands.entry_points import train
-
-    return train
-
-
 def train(backbones: Backbones, cfg: DemoConfig, data: dict[str, Path], out: Path, seed: int,
           name: str | None = None, extra_flags: Sequence[str] = ()) -> tuple[Path, Path, dict[str, float]]:
-    """Train through ``main.main`` into ``<out>/runs/<name>`` (default: the backbones' name),
+    """Train through ``unimur.commands.train`` (what ``python main.py`` runs) into ``<out>/runs/<name>`` (default: the backbones' name),
     with ``extra_flags`` after the recipe's; returns (run folder, best checkpoint, feature-cache
     build seconds by split, 0 when the cache was reused)."""
-    train_main = _train_entry()
+    from unimur.commands.train import train as train_command
+
     name = name or backbones.name
     run_dir = out / "runs" / name
     if run_dir.exists():
@@ -306,7 +292,7 @@ def train(backbones: Backbones, cfg: DemoConfig, data: dict[str, Path], out: Pat
     started = time.time()
     with _keep_signal_handlers():
         try:
-            state = train_main(argv)
+            state = train_command(argv, prog="main.py")
         finally:
             setup_logging()
     if state is None or state.best_step < 0:
@@ -358,7 +344,7 @@ def _embedder(model, batch_size: int, memo=None):
 def evaluate(model, model_dir: Path, data: dict[str, Path], meta: dict[str, Any], results_dir: Path,
              tag: str, batch_size: int, png: bool) -> dict[str, Any]:
     """VisDial and MMDialog results of one model: JSON files (plus PNGs) and held-out subsets."""
-    from evals.common import model_info
+    from unimur.commands.eval_common import model_info
 
     from unimur_demo.report import N_KEPT_EXAMPLES, SUBSETS_NOTE, labelled_examples, mmdialog_subsets, visdial_subsets
     from unimur.evaluation.report import format_table, save_examples_png, write_results
@@ -432,7 +418,7 @@ def run(out: Path, seed: int, cfg: DemoConfig, random_init: bool, untrained: boo
         models[PRETRAINED.label] = evaluate(model, trained_dir, data, meta, results_dir, "trained",
                                             cfg.eval_batch_size, png=True)
         del model
-    with stages("retrieval pools for unimur.inference.session / unimur.commands.app"):
+    with stages("retrieval pools for unimur.commands.retrieve / unimur.commands.app"):
         pools = write_pools(trained_dir, data, meta, out / "pools", _device())
     if untrained:
         with stages("build + evaluate untrained model (same seed)"):

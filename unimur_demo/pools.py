@@ -8,7 +8,7 @@ Written under ``<out>/pools/`` from the demo's synthetic MMDialog test set:
     dialogue.json        a held-out (colour, shape) dialogue without its last turn (the reply to
                          retrieve), in MMDialog's turn format; its images are pool ids
 
-and the two commands that use them (``python -m unimur.inference.session``, ``python -m unimur.commands.app``).
+and the two commands that use them (``python -m unimur.commands.retrieve``, ``python -m unimur.commands.app``).
 """
 from __future__ import annotations
 
@@ -79,9 +79,9 @@ def try_commands(model_dir: Path, pools: dict[str, Any]) -> str:
     return "\n".join([
         f"Try the trained model on a dialogue: {q(pools['dialogue'])} is a held-out ({pair}) dialogue "
         f"without its reply ({target!r}):",
-        f"  HF_HUB_OFFLINE=1 python -m unimur.inference.session {common} --dialogue {q(pools['dialogue'])} -k 3",
+        f"  HF_HUB_OFFLINE=1 python -m unimur.commands.retrieve {common} --dialogue {q(pools['dialogue'])} -k 3",
         "or your own turns (--query TEXT / --query-image FILE, repeated):",
-        f"  HF_HUB_OFFLINE=1 python -m unimur.inference.session {common} --query 'do you have a red star?'",
+        f"  HF_HUB_OFFLINE=1 python -m unimur.commands.retrieve {common} --query 'do you have a red star?'",
         "The web demo, opening on that dialogue (pip install -r requirements-app.txt; then open "
         "http://127.0.0.1:7860):",
         f"  HF_HUB_OFFLINE=1 python -m unimur.commands.app {common} --dialogue {q(pools['dialogue'])}",

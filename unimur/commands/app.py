@@ -8,12 +8,12 @@ Each message a person sends is one turn of the dialogue (text, an attached image
 each turn the page shows the top-k images (thumbnails with cosine scores) and text responses for
 the whole dialogue so far, and the chat shows the top text (with the top image, under the image
 rule) as the reply. The reply is not added to the dialogue: the person types every turn. Model,
-pool and rule flags are those of ``python -m unimur.inference.session``; ``--dialogue FILE`` (its format)
+pool and rule flags are those of ``python -m unimur.commands.retrieve``; ``--dialogue FILE`` (its format)
 opens the page with that dialogue already answered.
 
 Client API (``gradio_client``): ``/send`` (message, image file, k) is the chat step;
 ``/retrieve`` (dialogue, k) answers a whole dialogue in MMDialog's turn format (JSON text; images
-as image-pool ids) with the same JSON as ``python -m unimur.inference.session --json``.
+as image-pool ids) with the same JSON as ``python -m unimur.commands.retrieve --json``.
 """
 from __future__ import annotations
 
@@ -24,11 +24,14 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from a local demo
 
-from unimur.inference.session import Session, add_dialogue_file_args, add_model_args, run_cli  # noqa: E402
+from unimur.commands.retrieve import add_dialogue_file_args, add_model_args, run_cli, session_from_args  # noqa: E402
+
+if TYPE_CHECKING:
+    from unimur.inference.session import Session
 
 logger = logging.getLogger("unimur.commands.app")
 
@@ -144,7 +147,7 @@ def build_app(session: Session, k: int = 3, initial_turns: list | None = None):
 
         def retrieve(dialogue: str, k: int = 3) -> dict:
             """Answer a dialogue (MMDialog turn-format JSON, or a JSON list of turn strings;
-            images as pool ids) with the JSON of `python -m unimur.inference.session --json`."""
+            images as pool ids) with the JSON of `python -m unimur.commands.retrieve --json`."""
             with _shown_errors():
                 return answer_json(session, dialogue, k)
 
@@ -282,10 +285,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         base = Path(args.dialogue).parent  # image files of the dialogue: relative to it
         turns = [[(k, v if k == "text" or not (base / v).is_file() else str(base / v)) for k, v in t]
                  for t in turns]
-    session = Session.open(args)
+    session = session_from_args(args)
     logger.info("serving on http://%s:%d", args.host, args.port)
     launch(build_app(session, args.k, turns), args.host, args.port)
 
 
+def cli() -> int:
+    """The ``unimur-app`` console script."""
+    return run_cli(entry=main)
+
+
 if __name__ == "__main__":
-    sys.exit(run_cli(entry=main))
+    sys.exit(cli())

@@ -15,12 +15,10 @@ counted in the log.
 from __future__ import annotations
 
 
-import argparse
 import hashlib
 import json
 import logging
 import shutil
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -29,7 +27,6 @@ import torch
 from unimur.data.cc3m import IMAGE_LOADER_VERSION
 from unimur.inference.image_embeddings import (ImageEmbeddings, load_image_embeddings, part_ids, save_fromage_pickle,
                                save_image_embeddings, save_image_embeddings_from_parts)
-from unimur.errors import run_cli
 from unimur.model.pretrained import artifact_owning
 
 logger = logging.getLogger("unimur.inference.extract")
@@ -169,33 +166,3 @@ def convert_pickle(src: str | Path, output: str | Path, allow_pickle: bool) -> P
     save_image_embeddings(emb, output)
     logger.info("converted %s -> %s (%d embeddings)", src, output, len(emb))
     return Path(output)
-
-
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model-dir", default="unimur_model")
-    src = ap.add_mutually_exclusive_group()
-    src.add_argument("--image-dir")
-    src.add_argument("--image-list", help="text file, one image path per line (relative to the file)")
-    src.add_argument("--convert-pickle", help="FROMAGe .pkl to convert to safetensors (needs --allow-pickle)")
-    ap.add_argument("--output", default="unimur_model/image_embeddings.safetensors")
-    ap.add_argument("--format", choices=("safetensors", "fromage-pkl"), default="safetensors")
-    ap.add_argument("--allow-pickle", action="store_true", help="trust and unpickle a .pkl input")
-    ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("-j", "--workers", type=int, default=4)
-    ap.add_argument("--part-size", type=int, default=4096, help="images per resumable part")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    if args.convert_pickle:
-        return convert_pickle(args.convert_pickle, args.output, args.allow_pickle)
-    if not (args.image_dir or args.image_list):
-        ap.error("give --image-dir or --image-list (or --convert-pickle)")
-    ids, paths = list_images(args.image_dir, args.image_list)
-    root = args.image_dir or Path(args.image_list).parent
-    return extract(args.model_dir, ids, paths, args.output, fmt=args.format, batch_size=args.batch_size,
-                   workers=args.workers, part_size=args.part_size, device=args.device, image_root=root)
-
-
-if __name__ == "__main__":
-    sys.exit(run_cli(main))  # expected failures: one `error: ...` line

@@ -7,7 +7,7 @@ folder (the seed README's layout), or from an image folder embedded now and cach
 Texts come from a file: one response per line, or JSON Lines (``.jsonl``: a string or
 ``{"text": ...}`` per line).
 
-Used by ``python -m unimur.inference.session`` and ``python -m unimur.commands.app``.
+Used by ``python -m unimur.commands.retrieve`` and ``python -m unimur.commands.app``.
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Prune a training checkpoint to a model folder holding only the trainable weights.
 
-    python unimur/prune_model_ckpt.py --ckpt exp_log/unimur_exp/ckpt_best.pth.tar --output unimur_model/
+    prune("exp_log/unimur_exp/ckpt_best.pth.tar", "unimur_model/")   # python unimur/prune_model_ckpt.py
 
 The checkpoint's parameters are checked against the architecture its own config describes
 (built on the meta device: no backbone weights are loaded), so a checkpoint whose weights
@@ -11,16 +11,14 @@ tokenizer/ and manifest.json (see `unimur/model/pretrained.py`), a few MB at pap
 from __future__ import annotations
 
 
-import argparse
 import logging
-import sys
 from pathlib import Path
 
 import torch
 
 from unimur.train.checkpoint import load_checkpoint
 from unimur.config import Config, ModelConfig
-from unimur.errors import explain_backbone_errors, run_cli
+from unimur.errors import explain_backbone_errors
 from unimur.model.model import UniMuR
 from unimur.model.pretrained import check_model_output, save_pretrained
 from unimur.model.tokenizer import build_tokenizer
@@ -68,16 +66,3 @@ def prune(ckpt_path: str | Path, output: str | Path) -> Path:
     logger.info("wrote %s: %d tensors, %s parameters, %.2f MB on disk", out, len(state),
                 f"{sum(v.numel() for v in state.values()):,}", size / 2**20)
     return out
-
-
-def main(argv=None) -> Path:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--ckpt", required=True, help="training checkpoint (ckpt.pth.tar / ckpt_best.pth.tar)")
-    ap.add_argument("--output", default="unimur_model/", help="model folder to write")
-    args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    return prune(args.ckpt, args.output)
-
-
-if __name__ == "__main__":
-    sys.exit(run_cli(main))  # expected failures: one `error: ...` line

@@ -14,8 +14,8 @@ captions do not, to measure robustness to unseen phrasing.
 
 Usage::
 
-    python -m unimur.data.synthetic.generator --out data/synth --seed 0
-    python -m unimur.data.synthetic.generator --out /tmp/tiny --seed 1 --n-train 50 --n-val 10 \\
+    python -m unimur.commands.synthetic --out data/synth --seed 0
+    python -m unimur.commands.synthetic --out /tmp/tiny --seed 1 --n-train 50 --n-val 10 \\
         --n-visdial 8 --n-mmdialog 8 --image-size 32 --n-negatives 20
 
 Output layout (``DIR`` = ``--out``)::
@@ -35,7 +35,6 @@ Generator seeded by (seed, stream name), never from a global RNG.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import time
@@ -435,39 +434,3 @@ def generate(out_dir: str | Path, seed: int = 0, **sizes: Any) -> dict[str, Path
         "splits": splits,
     })
     return paths
-
-
-def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m unimur.data.synthetic.generator",
-                                description="Generate a synthetic captioned-shape dataset in the "
-                                            "CC3M, VisDial 1.0 and MMDialog formats.")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--n-train", type=int, default=DEFAULT_SIZES["n_train"])
-    p.add_argument("--n-val", type=int, default=DEFAULT_SIZES["n_val"])
-    p.add_argument("--n-visdial", type=int, default=DEFAULT_SIZES["n_visdial"])
-    p.add_argument("--n-mmdialog", type=int, default=DEFAULT_SIZES["n_mmdialog"])
-    p.add_argument("--image-size", type=int, default=DEFAULT_SIZES["image_size"])
-    p.add_argument("--n-negatives", type=int, default=DEFAULT_SIZES["n_negatives"],
-                   help="negative texts and images per MMDialog dialogue")
-    p.add_argument("--n-heldout", type=int, default=DEFAULT_SIZES["n_heldout"],
-                   help="number of (colour, shape) pairs kept out of training")
-    p.add_argument("--heldout-frac", type=float, default=DEFAULT_SIZES["heldout_frac"],
-                   help="fraction of evaluation items built around a held-out pair")
-    return p.parse_args(argv)
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    args = _parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    t0 = time.perf_counter()
-    paths = generate(args.out, args.seed, n_train=args.n_train, n_val=args.n_val,
-                     n_visdial=args.n_visdial, n_mmdialog=args.n_mmdialog,
-                     image_size=args.image_size, n_negatives=args.n_negatives,
-                     n_heldout=args.n_heldout, heldout_frac=args.heldout_frac)
-    print(json.dumps({k: str(v) for k, v in paths.items()}, indent=2))
-    print(f"done in {time.perf_counter() - t0:.1f}s")
-
-
-if __name__ == "__main__":
-    main()

@@ -1,10 +1,17 @@
-"""Command-line flags of `main.py`: the seed README's command plus FROMAGe's flags that
-still mean something here, mapped onto the `Config` tree. Every flag sets a config field or
-a launch option; none is accepted and ignored."""
+"""Train UniMuR: ``python main.py`` (the seed README's command), ``unimur-train``,
+``python -m unimur.commands.train``.
+
+Its flags are the seed README's plus FROMAGe's that still mean something here, mapped onto the
+`Config` tree. Every flag sets a config field or a launch option; none is accepted and ignored.
+``--dry-run`` prints the memory plan; otherwise the process(es) are launched
+(`unimur.train.launch`) and train (`unimur.train.trainer`).
+"""
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
+from typing import Sequence
 
 from unimur.config import Config, DataConfig, LossConfig, ModelConfig, TrainConfig, fromage_preset
 from unimur.utils.precision import default_llm_dtype
@@ -14,6 +21,15 @@ M, D, T, L = ModelConfig(), DataConfig(), TrainConfig(), LossConfig()
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Train UniMuR (or the FROMAGe baseline) on CC3M-format data.")
+    _add_distributed_flags(p)
+    _add_model_flags(p)
+    _add_data_flags(p)
+    _add_training_flags(p)
+    _add_loss_flags(p)
+    return p
+
+
+def _add_distributed_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("distributed (FROMAGe / PyTorch ImageNet-example semantics)")
     g.add_argument("--dist-url", default="env://", help="init method, e.g. tcp://127.0.0.1:PORT")
     g.add_argument("--dist-backend", default="nccl", help="nccl on GPUs; falls back to gloo on CPU")
@@ -37,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--compile", action="store_true",
                    help="torch.compile the frozen LLM's forward (off by default; see benchmarks/bench_train_step.py)")
 
+
+def _add_model_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--method", choices=("unimur", "fromage"), default=M.method,
                    help="fromage: FROMAGe's objective (W_v only, 256-d, + LMret, no TM) in this code")
@@ -62,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--use_image_embed_norm", action="store_true", help="refused: see the message")
     g.add_argument("--use_text_embed_layernorm", action="store_true", help="refused: see the message")
 
+
+def _add_data_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data")
     g.add_argument("-d", "--dataset", choices=("cc3m",), default=D.dataset)
     g.add_argument("--val-dataset", choices=("cc3m",), default=D.val_dataset)
@@ -88,6 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cache-verify", action="store_true",
                    help="re-hash the whole feature cache at start (default: size + mtime + header hash)")
 
+
+def _add_training_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("training")
     g.add_argument("--exp_name", "--exp-name", dest="exp_name", default=T.exp_name)
     g.add_argument("--log-base-dir", default=T.log_base_dir)
@@ -118,6 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start a new run in a run folder that holds an earlier run's checkpoints, "
                         "deleting them (without it such a folder is refused)")
 
+
+def _add_loss_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("loss weights (L = l_cap CL + l_vm VM + l_tm TM + l_lm LMret)")
     g.add_argument("--l-cap", "--cap-loss-scale", dest="l_cap", type=float, default=None)
     g.add_argument("--l-vm", dest="l_vm", type=float, default=None)
@@ -129,7 +153,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--gather-grad", choices=("exact", "fromage"), default=None,
                    help="contrastive gradient across ranks: exact global gradient (default) or "
                         "FROMAGe's 1/world-size weighting (default with --method fromage)")
-    return p
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
@@ -238,3 +261,45 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Confi
         return args, config_from_args(args)
     except ValueError as e:  # UsageError, or a value the config refuses
         parser.error(str(e))  # one line after the usage, exit status 2
+
+
+def train(argv: Sequence[str] | None = None, prog: str = "unimur-train"):
+    """Parse the training flags, then print the memory plan (``--dry-run``) or launch the
+    process(es) and train. Returns rank 0's train state (or the plan)."""
+    from unimur.train.launch import launch
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args, cfg = parse_args(argv)
+    if args.dry_run:
+        return dry_run(args, cfg)
+    return launch(args, cfg, [prog, *argv])
+
+
+def dry_run(args, cfg) -> dict:
+    """Print what the run would do and need per GPU and per node; start nothing. A precision
+    the GPU found here cannot run ends in the same one-line error the run would give."""
+    import torch
+
+    from unimur.train.memory_plan import format_plan, format_run, memory_plan
+    from unimur.utils.precision import check_precision, detected_gpu
+
+    gpu = detected_gpu()
+    check_precision(cfg.train.precision, gpu)
+    per_node = args.nprocs or torch.cuda.device_count() or 1
+    nodes = max(1, args.world_size) if args.multiprocessing_distributed else 1
+    plan = memory_plan(cfg, per_node, nodes)
+    backend = args.dist_backend if gpu is not None or args.dist_backend != "nccl" else "gloo (nccl needs GPUs)"
+    print(format_run(cfg, gpu, per_node, nodes, backend, args.dist_timeout))
+    print(format_plan(plan, cfg, per_node, nodes, args.gpu_memory or (gpu.total_gib if gpu else None)))
+    return plan
+
+
+def cli() -> int:
+    """The ``unimur-train`` console script."""
+    from unimur.errors import run_cli
+
+    return run_cli(train)
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -1,4 +1,4 @@
-"""What evals/eval_visdial.py and evals/eval_mmdialog.py share: flags, path checks, loading
+"""What the evaluation commands (unimur.commands.eval_visdial, unimur.commands.eval_mmdialog) share: flags, path checks, loading
 the model as an Embedder, writing the requested outputs, and turning expected failures into one
 `error: ...` line."""
 from __future__ import annotations
@@ -12,11 +12,10 @@ import torch
 
 from unimur.inference.image_embeddings import ImageEmbeddings
 from unimur.errors import UniMuRError, explain_backbone_errors
-from unimur.errors import run_cli as _run_cli
 from unimur.evaluation.report import format_table, save_examples_png, write_results
 from unimur.inference.retriever import Embedder
 
-logger = logging.getLogger("evals")
+logger = logging.getLogger("unimur.commands.eval_common")
 # ==============================================================================================
 # Command-line support: evals/eval_visdial.py and evals/eval_mmdialog.py are thin wrappers
 # ==============================================================================================
@@ -147,10 +146,3 @@ def report(results: dict[str, Any], output: str | Path | None, examples_png: str
     if examples_png:
         save_examples_png(results, examples_png)
     return format_table(results)
-
-
-def run_cli(main, argv: Sequence[str] | None = None) -> int:
-    """Run a script's ``main``; expected failures (missing data, bad files or settings) become one
-    ``error: ...`` line and exit status 1 instead of a traceback (see :mod:`unimur.errors`).
-    ``UNIMUR_TRACEBACK=1`` re-raises."""
-    return _run_cli(main, argv)
