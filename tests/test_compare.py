@@ -1,14 +1,12 @@
 """The comparison's statistics and per-query metrics (unimur/evaluation/paired_bootstrap.py, unimur/evaluation/comparison.py)."""
 
-import math
 import os
 
 import numpy as np
 import pytest
 
-from unimur.evaluation.paired_bootstrap import PerQuery, holm, mean_std, paired_difference, verdict
-from unimur.evaluation.comparison import claims_table, joint, mmdialog_per_query, summarise, visdial_per_query
-from unimur.data.synthetic.generator import AttributeLabels
+from unimur.evaluation.paired_bootstrap import PerQuery, holm, paired_difference, verdict
+from unimur.evaluation.comparison import claims_table, joint, summarise, visdial_per_query
 
 
 def _pq(num, den=None):

@@ -72,7 +72,7 @@ from unimur.data.cc3m import (
 )
 from unimur.utils.safetensors_io import read_safetensors, write_safetensors, file_stamp  # noqa: F401 (tests use them via fc)
 from unimur.utils.safetensors_io import CacheMiss
-from unimur.train.checkpoint import file_sha256
+from unimur.utils.files import file_sha256
 from unimur.utils.distributed import all_ranks, barrier, broadcast_object, get_rank, get_world_size, is_main_process
 from unimur.errors import UniMuRError
 

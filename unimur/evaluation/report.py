@@ -5,9 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import platform
-import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -16,6 +14,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import torch
 
 from unimur.evaluation.api import EXAMPLE_TOP_K
+from unimur.utils.files import atomic_write
 
 logger = logging.getLogger(__name__)
 # ==============================================================================================
@@ -130,16 +129,8 @@ def write_results(results: Mapping[str, Any], path: str | Path) -> Path:
     payload["environment"] = {"python": platform.python_version(), "torch": torch.__version__}
     payload["written_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     text = json.dumps(_json_safe(payload), indent=2, allow_nan=False) + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; results are meant to be shared
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    # mode 0644: mkstemp creates 0600; results are meant to be shared
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"), mode=0o644)
     logger.info("wrote %s", path)
     return path
 

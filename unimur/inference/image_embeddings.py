@@ -15,15 +15,15 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import pickle
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+
+from unimur.utils.files import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ def save_image_embeddings(emb: ImageEmbeddings, path: str | Path) -> None:
     # one metadata key: safetensors orders several keys differently from run to run, and a
     # resumed extraction must produce the same bytes as an uninterrupted one
     metadata = {"unimur": json.dumps({"ids": emb.ids, "meta": emb.meta}, sort_keys=True)}
-    _atomic(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 # torch dtype -> safetensors dtype name (the header's "dtype"), in safetensors' own order of
@@ -150,7 +150,7 @@ def save_image_embeddings_from_parts(parts: list[Path], path: str | Path, meta: 
                         t = f.get_tensor(n).contiguous()
                     out.write(t.view(torch.uint8).numpy().data)  # raw little-endian bytes, no copy
 
-    _atomic(Path(path), write)
+    atomic_write(Path(path), write)
     return len(ids)
 
 
@@ -221,7 +221,7 @@ def finite_rows(emb: ImageEmbeddings, path: str | Path, skip: bool = False) -> I
 def save_fromage_pickle(emb: ImageEmbeddings, path: str | Path) -> None:
     """FROMAGe's `cc3m_embeddings.pkl` layout: {"paths": [str], "embeddings": (N, D) float32}."""
     payload = {"paths": list(emb.ids), "embeddings": emb.embeds.float().cpu().numpy()}
-    _atomic(Path(path), lambda tmp: Path(tmp).write_bytes(pickle.dumps(payload, protocol=4)))
+    atomic_write(Path(path), lambda tmp: Path(tmp).write_bytes(pickle.dumps(payload, protocol=4)))
 
 
 def _load_fromage_pickle(path: Path, allow_pickle: bool) -> ImageEmbeddings:
@@ -242,15 +242,3 @@ def _load_fromage_pickle(path: Path, allow_pickle: bool) -> ImageEmbeddings:
     embeds = torch.nn.functional.normalize(embeds, dim=-1)
     return ImageEmbeddings([str(p) for p in payload["paths"]], embeds,
                            meta={"source": "fromage-pickle", "normalised_on_load": True})
-
-
-def _atomic(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)

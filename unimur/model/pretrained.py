@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from unimur.model.backbones.hub import load_encoders, load_llm
-from unimur.train.checkpoint import file_sha256
+from unimur.utils.files import file_sha256
 from unimur.config import ModelConfig, from_dict
 from unimur.model.model import UniMuR
 from unimur.model.tokenizer import build_tokenizer

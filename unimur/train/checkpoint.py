@@ -7,12 +7,9 @@ so a checkpoint is megabytes, not the 13 GB of a full OPT-6.7B state dict.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
-import os
 import random
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +17,7 @@ import numpy as np
 import torch
 
 from unimur.errors import CheckpointWriteError
+from unimur.utils.files import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -28,29 +26,13 @@ BEST = "ckpt_best.pth.tar"
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
-    """torch.save to a temp file in the same folder, fsync, then rename over `path`.
-
-    A crash at any moment leaves either the old file or the new one, never half of one.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
+    """torch.save through :func:`~unimur.utils.files.atomic_write`: a crash at any moment leaves
+    either the old file or the new one, never half of one."""
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
             torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
-
-def file_sha256(path: str | Path) -> str:
-    """Hex sha256 of a file (streamed)."""
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+    atomic_write(path, write)
 
 
 def remove_stale_temp_files(run_dir: str | Path) -> int:

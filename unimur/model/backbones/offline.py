@@ -41,7 +41,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from unimur.model.backbones.hub import DTYPES, FrozenEncoders, ImageFeatures, freeze
-from unimur.train.checkpoint import file_sha256
+from unimur.utils.files import file_sha256
 
 logger = logging.getLogger(__name__)
 
