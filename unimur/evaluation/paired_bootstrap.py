@@ -91,44 +91,75 @@ def paired_difference(a: list[PerQuery], b: list[PerQuery], n_boot: int = 2000, 
     of %). ``undefined`` says why no verdict can be given (None otherwise): a seed whose metric
     is undefined, fewer than 2 seeds, or more than ``max_undefined`` of the replicates undefined.
     """
-    from scipy import stats
-
-    if len(a) != len(b) or not a:
-        raise ValueError(f"need the same number (>0) of seeds for both methods, got {len(a)} and {len(b)}")
-    n_q, n_s = a[0].num.size, len(a)
-    if any(r.num.size != n_q for r in [*a, *b]):
-        raise ValueError("every run must have the same queries")
+    n_q, n_s = _paired_shape(a, b)
     d = np.array([x.value() - y.value() for x, y in zip(a, b)])
     out: dict[str, Any] = {"diff": scale * float(np.mean(d)), "lo": float("nan"), "hi": float("nan"),
                            "se": float("nan"), "p": float("nan"), "df": float("nan"), "n_queries": int(n_q),
                            "n_seeds": n_s, "n_boot": int(n_boot), "n_undefined": 0, "undefined": None}
-    bad = [s for s, x in enumerate(d) if np.isnan(x)]
-    if bad:
-        out["undefined"] = f"the metric is undefined (no query counts) for seed index(es) {bad}"
+    out["undefined"] = _undefined_over_seeds(d)
+    if out["undefined"]:
         return out
-    if n_s < 2:
-        out["undefined"] = "one seed: no seed-level interval"
-        return out
-    rng = np.random.default_rng(seed)
-    weights = rng.multinomial(n_q, np.full(n_q, 1.0 / n_q), size=n_boot).astype(float)  # [B, Q]
-    per_seed = _ratio(weights, a) - _ratio(weights, b)                                    # [B, S]
+    per_seed = _query_bootstrap(a, b, n_q, n_boot, seed)                                 # [B, S]
     defined = ~np.isnan(per_seed).any(axis=1)
     out["n_undefined"] = int((~defined).sum())
     if out["n_undefined"] > max_undefined * n_boot:
         out["undefined"] = (f"{out['n_undefined']} of {n_boot} query-bootstrap replicates leave the metric "
                             f"undefined (more than {max_undefined:.0%})")
         return out
-    per_seed = per_seed[defined]
+    se = float(np.sqrt(_difference_variance(d, per_seed[defined])))
+    out.update(_t_interval(float(np.mean(d)), se, n_s, level, scale))
+    return out
+
+
+def _paired_shape(a: list[PerQuery], b: list[PerQuery]) -> tuple[int, int]:
+    """(queries, seeds) of two methods' runs, checked to be paired: as many seeds, the same queries."""
+    if len(a) != len(b) or not a:
+        raise ValueError(f"need the same number (>0) of seeds for both methods, got {len(a)} and {len(b)}")
+    n_q, n_s = a[0].num.size, len(a)
+    if any(r.num.size != n_q for r in [*a, *b]):
+        raise ValueError("every run must have the same queries")
+    return n_q, n_s
+
+
+def _undefined_over_seeds(d: np.ndarray) -> str | None:
+    """Why the per-seed differences ``d`` allow no seed-level interval (None when they do)."""
+    bad = [s for s, x in enumerate(d) if np.isnan(x)]
+    if bad:
+        return f"the metric is undefined (no query counts) for seed index(es) {bad}"
+    if d.size < 2:
+        return "one seed: no seed-level interval"
+    return None
+
+
+def _query_bootstrap(a: list[PerQuery], b: list[PerQuery], n_q: int, n_boot: int, seed: int) -> np.ndarray:
+    """[B, S]: A - B per seed under each of ``n_boot`` query resamples, one multinomial draw per
+    replicate shared by every seed and both methods (so each query stays paired); nan where undefined."""
+    rng = np.random.default_rng(seed)
+    weights = rng.multinomial(n_q, np.full(n_q, 1.0 / n_q), size=n_boot).astype(float)  # [B, Q]
+    return _ratio(weights, a) - _ratio(weights, b)                                        # [B, S]
+
+
+def _difference_variance(d: np.ndarray, per_seed: np.ndarray) -> float:
+    """Variance of ``mean_s d_s`` by moments (:func:`paired_difference`): the query bootstrap's,
+    plus the seeds' less the seed-by-query interaction it already counts (``per_seed``: [B, S],
+    defined replicates only)."""
+    n_s = d.size
     v_mean = float(np.var(per_seed.mean(axis=1), ddof=1))
     interaction = (float(np.var(per_seed, axis=0, ddof=1).mean()) - v_mean) / (n_s - 1)
     v_seeds = max(0.0, float(np.var(d, ddof=1)) / n_s - interaction)
-    var = v_mean + v_seeds
+    return v_mean + v_seeds
+
+
+def _t_interval(mean: float, se: float, n_s: int, level: float, scale: float) -> dict[str, Any]:
+    """Student's t interval and two-sided p-value of ``mean`` with S-1 degrees of freedom
+    (``lo``, ``hi``, ``se`` times ``scale``)."""
+    from scipy import stats
+
     df = n_s - 1  # Welch-Satterthwaite's df covered 92% in simulation (test_compare): too few seeds
-    se, mean = float(np.sqrt(var)), float(np.mean(d))
     t = float(stats.t.ppf(0.5 + level / 2, df=df))
     p = float(2 * stats.t.sf(abs(mean) / se, df=df)) if se > 0 else (0.0 if mean != 0 else 1.0)
-    out.update(lo=scale * (mean - t * se), hi=scale * (mean + t * se), se=scale * se, p=p, df=round(df, 1))
-    return out
+    return {"lo": scale * (mean - t * se), "hi": scale * (mean + t * se), "se": scale * se, "p": p,
+            "df": round(df, 1)}
 
 
 def holm(pvalues: list[float]) -> list[float]:

@@ -79,22 +79,10 @@ def evaluate_visdial(embedder: Embedder, visdial_dir: str | Path, *, context: st
     t0 = time.perf_counter()
     if image_rule not in ("always", "ret-token"):
         raise ValueError(f"image_rule must be 'always' or 'ret-token' for VisDial, got {image_rule!r}")
-    dialogs, skipped = data if data is not None else load_visdial(visdial_dir, split)
-    dialogs, skipped = list(dialogs), Counter(skipped)
-    dialogs = _dedupe_images(dialogs, skipped)
-    dialogs, queries = _visdial_queries(dialogs, context, rounds, skipped)
-    if not dialogs:
-        raise ValueError(f"{visdial_dir}: no dialogue left to evaluate (skipped: {dict(skipped)})")
-
+    dialogs, queries, skipped = _visdial_dialogues(visdial_dir, split, data, context, rounds)
     images, image_skips = embedder.embed_images([d.image_path for d in dialogs],
                                                 ids=[str(d.image_id) for d in dialogs])
-    readable = set(images.ids)
-    keep = [i for i, d in enumerate(dialogs) if str(d.image_id) in readable]
-    if len(keep) < len(dialogs):
-        skipped["unreadable_image"] += len(dialogs) - len(keep)
-        dialogs, queries = [dialogs[i] for i in keep], [queries[i] for i in keep]
-    if [str(d.image_id) for d in dialogs] != images.ids:  # the Embedder contract; check, never assume
-        raise RuntimeError("embed_images returned ids out of input order")
+    dialogs, queries = _readable_only(dialogs, queries, images.ids, skipped)
 
     contexts = [[q] for q in queries]
     u = embedder.embed_queries(contexts).float().cpu()                   # [D, E]
@@ -106,12 +94,7 @@ def evaluate_visdial(embedder: Embedder, visdial_dir: str | Path, *, context: st
     i2d = ranks_from_sim(sim.T, positives)
     metrics = {"dialogue_to_image": recall_metrics(d2i), "image_to_dialogue": recall_metrics(i2d)}
     if image_rule == "ret-token":
-        generations = embedder.generate_responses(contexts, ret_max_tokens)
-        shown = generations.ret.bool()
-        d2i_gen = ranks_from_sim(torch.where(shown[:, None], generations.u.float(), u) @ v.T, positives)
-        metrics["image_retrieval_rate"] = float(shown.float().mean())
-        metrics["dialogue_to_image_output"] = recall_metrics(
-            torch.where(shown, d2i_gen, torch.full_like(d2i_gen, len(dialogs) + 1)), missed=~shown)
+        metrics.update(_ret_token_metrics(embedder, contexts, u, v, ret_max_tokens))
 
     counts = split_counts(skipped, {"skipped_dialogues": _VISDIAL_DIALOGUE_REASONS
                                      | {"duplicate_image_id", "empty_query", "unreadable_image"}},
@@ -119,16 +102,8 @@ def evaluate_visdial(embedder: Embedder, visdial_dir: str | Path, *, context: st
     logger.info("VisDial: %d dialogues evaluated, skipped %s", len(dialogs), dict(skipped))
     return {
         "benchmark": "visdial",
-        "settings": {
-            "split": split, "context": context, "rounds": rounds,
-            "visdial_dir": str(visdial_dir),
-            "pool": "the images of all evaluated dialogues", "pool_size": len(dialogs),
-            "score": "cosine (dot product of L2-normalised embeddings)",
-            "ties": "lower pool index (file order) ranks first", "ranks": "1-based",
-            "image_rule": image_rule, "ret_max_tokens": ret_max_tokens,
-            "directions": {"dialogue_to_image": "intended direction (SPEC)",
-                           "image_to_dialogue": "FROMAGe's released script's direction"},
-        },
+        "settings": _visdial_settings(split, context, rounds, visdial_dir, len(dialogs), image_rule,
+                                      ret_max_tokens),
         "metrics": metrics,
         "counts": {"dialogues_evaluated": len(dialogs),
                    "dialogues_skipped": sum(counts["skipped_dialogues"].values()),
@@ -136,6 +111,62 @@ def evaluate_visdial(embedder: Embedder, visdial_dir: str | Path, *, context: st
         "timing": timing_of(t0, len(dialogs)),
         "examples": _visdial_examples(dialogs, queries, sim, d2i, i2d, n_examples),
         "notes": [],
+    }
+
+
+def _visdial_dialogues(visdial_dir: str | Path, split: str, data: tuple[list, Counter] | None,
+                       context: str, rounds: int) -> tuple[list, list[str], Counter]:
+    """The dialogues to evaluate (read unless ``data`` has them), their query strings, and the
+    skipped ones counted by reason; an error when none is left."""
+    dialogs, skipped = data if data is not None else load_visdial(visdial_dir, split)
+    dialogs, skipped = list(dialogs), Counter(skipped)
+    dialogs = _dedupe_images(dialogs, skipped)
+    dialogs, queries = _visdial_queries(dialogs, context, rounds, skipped)
+    if not dialogs:
+        raise ValueError(f"{visdial_dir}: no dialogue left to evaluate (skipped: {dict(skipped)})")
+    return dialogs, queries, skipped
+
+
+def _readable_only(dialogs: list, queries: list[str], image_ids: list[str], skipped: Counter
+                   ) -> tuple[list, list[str]]:
+    """The dialogues (and queries) whose image the embedder could read (``image_ids``, in input
+    order); the others counted as ``unreadable_image``."""
+    readable = set(image_ids)
+    keep = [i for i, d in enumerate(dialogs) if str(d.image_id) in readable]
+    if len(keep) < len(dialogs):
+        skipped["unreadable_image"] += len(dialogs) - len(keep)
+        dialogs, queries = [dialogs[i] for i in keep], [queries[i] for i in keep]
+    if [str(d.image_id) for d in dialogs] != image_ids:  # the Embedder contract; check, never assume
+        raise RuntimeError("embed_images returned ids out of input order")
+    return dialogs, queries
+
+
+def _ret_token_metrics(embedder: Embedder, contexts: list[list[str]], u: Tensor, v: Tensor,
+                       ret_max_tokens: int) -> dict[str, Any]:
+    """FROMAGe's image rule: the share of dialogues after which greedy decoding yields [RET], and
+    dialogue->image recall with the image retrieved by that [RET]'s state (a dialogue without an
+    image output is a miss, ranked pool size + 1)."""
+    positives = torch.arange(len(contexts))
+    generations = embedder.generate_responses(contexts, ret_max_tokens)
+    shown = generations.ret.bool()
+    d2i_gen = ranks_from_sim(torch.where(shown[:, None], generations.u.float(), u) @ v.T, positives)
+    return {"image_retrieval_rate": float(shown.float().mean()),
+            "dialogue_to_image_output": recall_metrics(
+                torch.where(shown, d2i_gen, torch.full_like(d2i_gen, len(contexts) + 1)), missed=~shown)}
+
+
+def _visdial_settings(split: str, context: str, rounds: int, visdial_dir: str | Path, pool_size: int,
+                      image_rule: str, ret_max_tokens: int) -> dict[str, Any]:
+    """The results' ``settings``: what was evaluated, and how."""
+    return {
+        "split": split, "context": context, "rounds": rounds,
+        "visdial_dir": str(visdial_dir),
+        "pool": "the images of all evaluated dialogues", "pool_size": pool_size,
+        "score": "cosine (dot product of L2-normalised embeddings)",
+        "ties": "lower pool index (file order) ranks first", "ranks": "1-based",
+        "image_rule": image_rule, "ret_max_tokens": ret_max_tokens,
+        "directions": {"dialogue_to_image": "intended direction (SPEC)",
+                       "image_to_dialogue": "FROMAGe's released script's direction"},
     }
 
 

@@ -121,14 +121,8 @@ def generate_responses(model: UniMuR, contexts: Sequence[Sequence[Piece]], max_t
         raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
     if max_len is None and model.max_positions is not None:
         max_len = max(1, model.max_positions - max_tokens - 1)
-    # left padding: every context's next token is at the same column
-    inputs, mask = pad_embeddings([model._context_embeddings(c, max_len, with_ret=False) for c in contexts],
-                                  "left")
-    b, dev = inputs.shape[0], model.device
-    body, all_layers = model.llm.base_model, model._all_layers
-    position = (mask.cumsum(-1) - 1).clamp(min=0)
-    out = body(inputs_embeds=inputs.to(model._llm_dtype), attention_mask=mask, position_ids=position,
-               use_cache=True, output_hidden_states=all_layers)
+    out, mask, position = _prefill(model, contexts, max_len)
+    b, dev = mask.shape[0], model.device
     newline = model.tokenizer("\n", add_special_tokens=False)["input_ids"][0]
     kept: list[list[int]] = [[] for _ in range(b)]
     u = torch.zeros(b, model.emb_dim)
@@ -139,9 +133,7 @@ def generate_responses(model: UniMuR, contexts: Sequence[Sequence[Piece]], max_t
     for step in range(max_tokens + 1):
         hidden = out.last_hidden_state[:, -1:]                                       # (B, 1, H)
         if bool(pending.any()):
-            layers = [h[:, -1:] for h in out.hidden_states] if all_layers else None
-            u_step = model.unified_from_hidden(hidden, mask.new_ones(b, 1), layers).float().cpu()
-            u[pending.cpu()] = u_step[pending.cpu()]
+            _read_ret_states(model, out, mask, pending, u)
             done |= pending
             pending = torch.zeros_like(pending)
         if step == max_tokens or bool(done.all()):
@@ -157,10 +149,39 @@ def generate_responses(model: UniMuR, contexts: Sequence[Sequence[Piece]], max_t
         pending = live & (nxt == model.ret_id)
         ret |= pending
         done |= cut
-        mask = torch.cat([mask, mask.new_ones(b, 1)], dim=1)
-        position = position[:, -1:] + 1
-        out = body(inputs_embeds=model.embed_tokens(nxt[:, None]).to(model._llm_dtype), attention_mask=mask,
-                   position_ids=position, use_cache=True, output_hidden_states=all_layers,
-                   **{cache_kwarg(body): output_cache(out)})
+        out, mask, position = _feed_tokens(model, out, nxt, mask, position)
     texts = [model.tokenizer.decode(ids, skip_special_tokens=False) for ids in kept]
     return Generations(ret.cpu(), u, texts)
+
+
+def _prefill(model: UniMuR, contexts: Sequence[Sequence[Piece]], max_len: int | None):
+    """The contexts' forward pass with its key/value cache: (output, attention mask (B, T),
+    position ids (B, T))."""
+    # left padding: every context's next token is at the same column
+    inputs, mask = pad_embeddings([model._context_embeddings(c, max_len, with_ret=False) for c in contexts],
+                                  "left")
+    position = (mask.cumsum(-1) - 1).clamp(min=0)
+    out = model.llm.base_model(inputs_embeds=inputs.to(model._llm_dtype), attention_mask=mask,
+                               position_ids=position, use_cache=True, output_hidden_states=model._all_layers)
+    return out, mask, position
+
+
+def _read_ret_states(model: UniMuR, out, mask: Tensor, pending: Tensor, u: Tensor) -> None:
+    """Write into ``u`` the unified embeddings read at the last position of the ``pending`` rows
+    (where a generated [RET] was just fed back), mapped by W_u."""
+    b = mask.shape[0]
+    hidden = out.last_hidden_state[:, -1:]                                           # (B, 1, H)
+    layers = [h[:, -1:] for h in out.hidden_states] if model._all_layers else None
+    u_step = model.unified_from_hidden(hidden, mask.new_ones(b, 1), layers).float().cpu()
+    u[pending.cpu()] = u_step[pending.cpu()]
+
+
+def _feed_tokens(model: UniMuR, out, nxt: Tensor, mask: Tensor, position: Tensor):
+    """Feed the chosen tokens ``nxt`` (B,) back, one step on the cache: (output, mask, position ids)."""
+    body = model.llm.base_model
+    mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+    position = position[:, -1:] + 1
+    out = body(inputs_embeds=model.embed_tokens(nxt[:, None]).to(model._llm_dtype), attention_mask=mask,
+               position_ids=position, use_cache=True, output_hidden_states=model._all_layers,
+               **{cache_kwarg(body): output_cache(out)})
+    return out, mask, position

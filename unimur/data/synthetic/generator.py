@@ -286,6 +286,8 @@ def _write_mmdialog(out: Path, n: int, seed: int, image_size: int, n_negatives: 
                     ) -> dict[str, Any]:
     """MMDialog test: dialogues plus ``n_negatives`` negative texts and images per dialogue,
     drawn from one shared pool (no pool at all when ``n`` is 0)."""
+    # One generator for the whole split: the draws below (pool, then dialogue by dialogue) must
+    # keep this order, or the same seed would no longer give the same files.
     rng = stream_rng(seed, "mmdialog")
     root = out / "MMDialog" / "test"
     taken: set[str] = set()
@@ -300,9 +302,35 @@ def _write_mmdialog(out: Path, n: int, seed: int, image_size: int, n_negatives: 
     def new_image(forced: Pair) -> str:
         return add_image(sample_scene(rng, seen, forced=forced))
 
-    # Shared negative image pool. Each pair may appear in at most `slack` pool images, so that
-    # for any target pair at least n_negatives pool images do not show it (no false negatives).
     pool_size = n_negatives + max(10, n_negatives // 4) if n else 0
+    pool_keys = _negative_image_pool(rng, pool_size, n_negatives, add_image)
+    pool_pairs = [{(o["colour"], o["shape"]) for o in media_meta[k]["objects"]} for k in pool_keys]
+    texts, text_pairs = _text_pool()
+
+    conversation_base = int(rng.integers(100_000, 900_000))
+    dialogues, meta = [], []
+    for i in range(n):
+        is_heldout = bool(heldout) and bool(rng.random() < heldout_frac)
+        pair = pick_one(rng, heldout) if is_heldout else pick_one(rng, seen)
+        turns, scenario = _make_dialogue(rng, pair, new_image)
+        neg_images, neg_texts = _dialogue_negatives(rng, pair, turns, pool_keys, pool_pairs, texts,
+                                                    text_pairs, n_negatives)
+        conversation_id = conversation_base + i
+        dialogues.append({"conversation_id": conversation_id,
+                          "conversation": [{"turn": t} for t in turns],
+                          "negative_candidate_media_keys": neg_images,
+                          "negative_candidate_texts": neg_texts})
+        meta.append({"conversation_id": conversation_id, "scenario": scenario,
+                     "target_pair": list(pair), "heldout": is_heldout})
+    _write_conversations(root, dialogues)
+    return {"dialogues": meta, "negative_pool_media_keys": pool_keys, "media": media_meta}
+
+
+def _negative_image_pool(rng: np.random.Generator, pool_size: int, n_negatives: int,
+                         add_image: Callable[[Scene], str]) -> list[str]:
+    """Media keys of the shared negative image pool, ``pool_size`` images drawn over all pairs."""
+    # Each pair may appear in at most `slack` pool images, so that for any target pair at least
+    # n_negatives pool images do not show it (no false negatives).
     slack = pool_size - n_negatives
     pool_keys: list[str] = []
     pair_count: dict[Pair, int] = {p: 0 for p in all_pairs()}
@@ -313,38 +341,32 @@ def _write_mmdialog(out: Path, n: int, seed: int, image_size: int, n_negatives: 
         for o in scene.objects:
             pair_count[o.pair] += 1
         pool_keys.append(add_image(scene))
-    pool_pairs = [{(o["colour"], o["shape"]) for o in media_meta[k]["objects"]} for k in pool_keys]
-    texts, text_pairs = _text_pool()
+    return pool_keys
 
-    conversation_base = int(rng.integers(100_000, 900_000))
-    dialogues, meta = [], []
-    for i in range(n):
-        is_heldout = bool(heldout) and bool(rng.random() < heldout_frac)
-        pair = pick_one(rng, heldout) if is_heldout else pick_one(rng, seen)
-        turns, scenario = _make_dialogue(rng, pair, new_image)
-        # Excluding every text of the dialogue (not only the last turn's) keeps the pool free of
-        # false negatives for the "every turn" target option too.
-        own_texts = {e["__TEXT__"] for turn in turns for e in turn if "__TEXT__" in e}
-        ok_images = [k for k, ps in zip(pool_keys, pool_pairs, strict=True) if pair not in ps]
-        ok_texts = [t for t, p in zip(texts, text_pairs, strict=True)
-                    if p != pair and t not in own_texts]
-        neg_images = [ok_images[int(j)] for j in rng.choice(len(ok_images), n_negatives,
-                                                            replace=False)]
-        neg_texts = [ok_texts[int(j)] for j in rng.choice(len(ok_texts), n_negatives,
-                                                          replace=False)]
-        conversation_id = conversation_base + i
-        dialogues.append({"conversation_id": conversation_id,
-                          "conversation": [{"turn": t} for t in turns],
-                          "negative_candidate_media_keys": neg_images,
-                          "negative_candidate_texts": neg_texts})
-        meta.append({"conversation_id": conversation_id, "scenario": scenario,
-                     "target_pair": list(pair), "heldout": is_heldout})
+
+def _dialogue_negatives(rng: np.random.Generator, pair: Pair, turns: list[list[dict[str, str]]],
+                        pool_keys: list[str], pool_pairs: list[set[Pair]], texts: list[str],
+                        text_pairs: list[Pair | None], n_negatives: int) -> tuple[list[str], list[str]]:
+    """A dialogue's ``n_negatives`` negative images and texts, drawn (images first) from the
+    shared pools without those that show or name its target ``pair``."""
+    # Excluding every text of the dialogue (not only the last turn's) keeps the pool free of
+    # false negatives for the "every turn" target option too.
+    own_texts = {e["__TEXT__"] for turn in turns for e in turn if "__TEXT__" in e}
+    ok_images = [k for k, ps in zip(pool_keys, pool_pairs, strict=True) if pair not in ps]
+    ok_texts = [t for t, p in zip(texts, text_pairs, strict=True)
+                if p != pair and t not in own_texts]
+    neg_images = [ok_images[int(j)] for j in rng.choice(len(ok_images), n_negatives, replace=False)]
+    neg_texts = [ok_texts[int(j)] for j in rng.choice(len(ok_texts), n_negatives, replace=False)]
+    return neg_images, neg_texts
+
+
+def _write_conversations(root: Path, dialogues: list[dict[str, Any]]) -> None:
+    """``root/conversations.json``: the dialogues as one JSON array."""
     # One dialogue per line inside the array: still one JSON array, but readable and diffable.
     root.mkdir(parents=True, exist_ok=True)
     body = ",\n".join(json.dumps(d, ensure_ascii=True) for d in dialogues)
     (root / "conversations.json").write_text(f"[\n{body}\n]\n" if body else "[]\n",
                                              encoding="utf-8")
-    return {"dialogues": meta, "negative_pool_media_keys": pool_keys, "media": media_meta}
 
 
 # ----------------------------------------------------------------------------------------------

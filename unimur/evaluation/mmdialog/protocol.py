@@ -221,7 +221,7 @@ def evaluate_mmdialog(embedder: Embedder, mmdialog_dir: str | Path, *, split: st
                       n_negatives: int = MMDIALOG_NEGATIVES,
                       data: MMDialogStream | tuple[Iterable[MMDialogQuery], Counter] | None = None
                       ) -> dict[str, Any]:
-    """MMDialog multimodal response retrieval (SPEC section 4).
+    """MMDialog multimodal response retrieval (SPEC section 4); results format: `unimur.evaluation.api`.
 
     Args:
         embedder: the model (or a stub) behind the :class:`Embedder` interface.
@@ -255,11 +255,26 @@ def evaluate_mmdialog(embedder: Embedder, mmdialog_dir: str | Path, *, split: st
             target, check_images=embeddings is None)`` (read as the chunks need it), or a
             ``(queries, skipped)`` pair such as ``load_mmdialog`` returns (``skipped`` is read
             after the queries, so a generator may still be filling it). Default: a stream.
-
-    Returns the results dict described in the module docstring.
     """
     t0 = time.perf_counter()
     image_rule, text_ranking = response_rules("unimur", image_rule, text_ranking, image_threshold)
+    _check_sizes(chunk_size, n_negatives, ret_max_tokens)
+    queries, reader_skipped = _query_source(data, mmdialog_dir, split, target, embeddings)
+    rules = _answer_rules(embedder, image_rule, text_ranking, image_threshold, ret_max_tokens, prompt_style,
+                          max_context_tokens)
+    chunks = ChunkedQueries(queries, chunk_size, embedder=embedder, embeddings=embeddings,
+                            mmdialog_dir=mmdialog_dir, split=split, n_negatives=n_negatives,
+                            with_text=rules.with_text)
+    totals, text_cache, table = _evaluate_chunks(chunks, embedder, rules, attribute_labels=attribute_labels,
+                                                 mmdialog_dir=mmdialog_dir, split=split, n_examples=n_examples)
+    counts = _mmdialog_counts(reader_skipped, chunks, totals, text_cache.embedded, chunk_size)
+    settings = _settings(rules, split, target, mmdialog_dir, embeddings, n_negatives, prompt_style,
+                         max_context_tokens or rules.builder.max_tokens)
+    return _results(settings, counts, totals, rules, table, timing_of(t0, chunks.n_scorable), attribute_labels)
+
+
+def _check_sizes(chunk_size: int, n_negatives: int, ret_max_tokens: int) -> None:
+    """Reject a chunk size, pool size or generation length below 1."""
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     if n_negatives < 1:
@@ -267,23 +282,46 @@ def evaluate_mmdialog(embedder: Embedder, mmdialog_dir: str | Path, *, split: st
                          f"got {n_negatives}")
     if ret_max_tokens < 1:
         raise ValueError(f"ret_max_tokens must be >= 1, got {ret_max_tokens}")
-    given = embeddings is not None
+
+
+def _query_source(data: MMDialogStream | tuple[Iterable[MMDialogQuery], Counter] | None,
+                  mmdialog_dir: str | Path, split: str, target: str, embeddings: ImageEmbeddings | None
+                  ) -> tuple[Iterable[MMDialogQuery], Counter]:
+    """The queries and the reader's skip Counter: the caller's ``data``, else a stream over the
+    split's file (checking that images exist only when no embeddings are given)."""
     if data is None:
-        data = MMDialogStream(mmdialog_dir, split, target, check_images=not given)
-    queries, reader_skipped = data if isinstance(data, tuple) else (data, data.skipped)
+        data = MMDialogStream(mmdialog_dir, split, target, check_images=embeddings is None)
+    return data if isinstance(data, tuple) else (data, data.skipped)
+
+
+def _answer_rules(embedder: Embedder, image_rule: str, text_ranking: str, image_threshold: float | None,
+                  ret_max_tokens: int, prompt_style: str, max_context_tokens: int | None) -> _Rules:
+    """How ``embedder`` answers and reads the dialogue: texts are retrieved when it ranks them by
+    likelihood or has a text space; contexts are laid out by its own prompt builder if it has one."""
     with_text = text_ranking == "likelihood" or supports_text_retrieval(embedder)
     make_builder = getattr(embedder, "prompt_builder", None)
     builder = (make_builder(prompt_style, max_context_tokens) if make_builder is not None
                else PromptBuilder(prompt_style, max_context_tokens))
-    rules = _Rules(image_rule, text_ranking, with_text, image_threshold, ret_max_tokens, builder)
-    chunks = ChunkedQueries(queries, chunk_size, embedder=embedder, embeddings=embeddings,
-                            mmdialog_dir=mmdialog_dir, split=split, n_negatives=n_negatives,
-                            with_text=with_text)
+    return _Rules(image_rule, text_ranking, with_text, image_threshold, ret_max_tokens, builder)
+
+
+def _evaluate_chunks(chunks: ChunkedQueries, embedder: Embedder, rules: _Rules, *, attribute_labels,
+                     mmdialog_dir, split: str, n_examples: int
+                     ) -> tuple[_Totals, _TextEmbeddingCache, MediaTable | None]:
+    """Evaluate the queries chunk by chunk: what they leave behind, the candidate-text cache (its
+    throughput count) and the last chunk's media table."""
     totals, text_cache, table = _Totals(), _TextEmbeddingCache(embedder), None
     for part, table in chunks:
         _evaluate_chunk(part, embedder, table, text_cache, totals, rules,
                         attribute_labels=attribute_labels, mmdialog_dir=mmdialog_dir, split=split,
                         n_examples=n_examples)
+    return totals, text_cache, table
+
+
+def _mmdialog_counts(reader_skipped: Counter, chunks: ChunkedQueries, totals: _Totals, texts_embedded: int,
+                     chunk_size: int) -> dict[str, Any]:
+    """The results' ``counts``: what was evaluated and what was skipped, by reason (failing when
+    nothing was scorable)."""
     # the reader's reasons first, then the evaluation's (read now: a stream fills its Counter
     # as it is consumed)
     skipped = Counter(reader_skipped)
@@ -295,28 +333,33 @@ def evaluate_mmdialog(embedder: Embedder, mmdialog_dir: str | Path, *, split: st
                                      | {"unreadable_target_image", "empty_context_after_image_drop"}},
                            rest="dropped_elements")
     logger.info("MMDialog: %d queries evaluated, skipped %s", chunks.n_scorable, dict(skipped))
+    return {
+        "queries_evaluated": chunks.n_scorable,
+        "queries_skipped": (sum(counts["skipped_queries"].values())
+                            + sum(counts["skipped_dialogues"].values())),
+        **counts, "unreadable_images": dict(sorted(image_skips.items())),
+        "gt_texts": totals.gt_texts, "gt_images": totals.gt_images,
+        "contexts_cut": totals.contexts_cut,
+        "pool_sizes": {"text": _pool_sizes(_Totals.cat(totals.text_pool)),
+                       "image": _pool_sizes(_Totals.cat(totals.image_pool))},
+        "texts_embedded": texts_embedded, "chunk_size": chunk_size,
+        "image_outputs": int(_Totals.cat(totals.image_out, torch.bool).sum()),
+        "consistency_pairs": totals.consistency[1], "attribute_consistency_pairs": totals.attribute[1],
+    }
+
+
+def _results(settings: dict[str, Any], counts: dict[str, Any], totals: _Totals, rules: _Rules, table: MediaTable,
+             timing: dict[str, Any], attribute_labels) -> dict[str, Any]:
+    """The results dict (`unimur.evaluation.api`): the metrics and notes from what the chunks left."""
     metrics = _metrics(totals, rules)
     return {
         "benchmark": "mmdialog",
-        "settings": _settings(rules, split, target, mmdialog_dir, embeddings, n_negatives, prompt_style,
-                              max_context_tokens or builder.max_tokens),
+        "settings": settings,
         "metrics": metrics,
-        "counts": {
-            "queries_evaluated": chunks.n_scorable,
-            "queries_skipped": (sum(counts["skipped_queries"].values())
-                                + sum(counts["skipped_dialogues"].values())),
-            **counts, "unreadable_images": dict(sorted(image_skips.items())),
-            "gt_texts": totals.gt_texts, "gt_images": totals.gt_images,
-            "contexts_cut": totals.contexts_cut,
-            "pool_sizes": {"text": _pool_sizes(_Totals.cat(totals.text_pool)),
-                           "image": _pool_sizes(_Totals.cat(totals.image_pool))},
-            "texts_embedded": text_cache.embedded, "chunk_size": chunk_size,
-            "image_outputs": int(_Totals.cat(totals.image_out, torch.bool).sum()),
-            "consistency_pairs": totals.consistency[1], "attribute_consistency_pairs": totals.attribute[1],
-        },
-        "timing": timing_of(t0, chunks.n_scorable),
+        "counts": counts,
+        "timing": timing,
         "examples": totals.examples,
-        "notes": _mmdialog_notes(with_text, table.embeddings, metrics["cross_modal_consistency"],
+        "notes": _mmdialog_notes(rules.with_text, table.embeddings, metrics["cross_modal_consistency"],
                                  attribute_labels is not None),
     }
 
@@ -390,22 +433,55 @@ def _evaluate_chunk(part: list[MMDialogQuery], embedder: Embedder, table: MediaT
     image_pools = _image_pools(part, table)
     images = Scored.compute(u, embeddings.embeds, image_pools)
     text_table, text_pools = _text_pools(part)
-    texts = texts_mean = None
+    texts, texts_mean = _rank_texts(embedder, contexts, u, text_table, text_pools, text_cache, rules)
+    if texts_mean is not None:
+        totals.text_mean.append(texts_mean.ranks)
+    generations, image_out, response = _image_answers(embedder, contexts, u, images, embeddings.embeds,
+                                                      image_pools, rules)
+    _add_images_and_pools(totals, images, image_out, image_pools, text_pools)
+    if texts is not None:
+        _add_overall(totals, texts, texts_mean, response, image_out)
+        _add_consistency(totals, embedder, embeddings, response, image_out, text_table, texts, attribute_labels)
+    wanted = n_examples - len(totals.examples)
+    if wanted > 0:
+        examples = _mmdialog_examples(part, mmdialog_dir, split, table, images, texts, text_table, image_out,
+                                      wanted)
+        _add_response_details(examples, images, response, texts_mean, contexts, generations)
+        totals.examples += examples
+
+
+def _rank_texts(embedder: Embedder, contexts: list[list], u: Tensor, text_table: list[str], text_pools: Pools,
+                text_cache: _TextEmbeddingCache, rules: _Rules) -> tuple[Scored | None, Scored | None]:
+    """The chunk's text pools scored the system's way: (summed log-likelihood or cosine with u,
+    mean log-likelihood per token or None); (None, None) without text retrieval."""
     if rules.text_ranking == "likelihood":
         read_as = [candidate_text(t, rules.builder.style) for t in text_table]
-        texts, texts_mean = _likelihood_texts(embedder, contexts, read_as, text_pools)
-        totals.text_mean.append(texts_mean.ranks)
-    elif rules.with_text:
+        return _likelihood_texts(embedder, contexts, read_as, text_pools)
+    if rules.with_text:
         text_embeds = text_cache.table(text_table)                               # [N_chunk, E]
         check_dims(u, text_embeds, "the text embeddings")
-        texts = Scored.compute(u, text_embeds, text_pools)
+        return Scored.compute(u, text_embeds, text_pools), None
+    return None, None
+
+
+def _image_answers(embedder: Embedder, contexts: list[list], u: Tensor, images: Scored, image_embeds: Tensor,
+                   image_pools: Pools, rules: _Rules) -> tuple[Any, Tensor, Scored]:
+    """Which responses show an image (the system's image rule), and the images ranked for each
+    response: (FROMAGe's generations or None, image_out [c] bool, the response's scored images)."""
     generations = (embedder.generate_responses(contexts, rules.ret_max_tokens)
                    if rules.image_rule == "ret-token" else None)
     image_out = image_outputs(images.has_output(), images.top_score, rules.image_rule, rules.image_threshold,
                               generations.ret if generations is not None else None)
     # the response's image: FROMAGe retrieves it with the generated [RET]'s state
     response = images if generations is None else Scored.compute(
-        torch.where(generations.ret[:, None], generations.u.float(), u), embeddings.embeds, image_pools)
+        torch.where(generations.ret[:, None], generations.u.float(), u), image_embeds, image_pools)
+    return generations, image_out, response
+
+
+def _add_images_and_pools(totals: _Totals, images: Scored, image_out: Tensor, image_pools: Pools,
+                          text_pools: Pools) -> None:
+    """Add the chunk's image ranks and outputs, and both modalities' pool sizes and ground-truth
+    counts, to ``totals``."""
     totals.image.append(images.ranks)
     totals.image_out.append(image_out)
     totals.has_image.append(image_pools.positive.any(1))
@@ -413,34 +489,45 @@ def _evaluate_chunk(part: list[MMDialogQuery], embedder: Embedder, table: MediaT
     totals.gt_images += int(images.pools.positive.sum())
     totals.text_pool.append(text_pools.valid.sum(1))
     totals.gt_texts += int(text_pools.positive.sum())
-    if texts is not None:
-        totals.text.append(texts.ranks)
-        ranks, missed = _overall_ranks(texts, response, image_out)
-        totals.overall.append(ranks)
-        totals.overall_missed.append(missed)
-        if texts_mean is not None:
-            totals.overall_mean.append(_overall_ranks(texts_mean, response, image_out)[0])
-        c_sum, c_n = _consistency(embedder, embeddings, response, image_out, text_table, texts)
-        totals.consistency = [totals.consistency[0] + c_sum, totals.consistency[1] + c_n]
-        if attribute_labels is not None:
-            hits, n = _attribute_consistency(attribute_labels, embeddings, response, image_out, text_table, texts)
-            totals.attribute = [totals.attribute[0] + hits, totals.attribute[1] + n]
-    wanted = n_examples - len(totals.examples)
-    if wanted > 0:
-        examples = _mmdialog_examples(part, mmdialog_dir, split, table, images, texts, text_table, image_out,
-                                      wanted)
-        response_ranks = response.ranks_per_query()
-        mean_ranks = texts_mean.ranks_per_query() if texts_mean is not None else None
-        for q, ex in enumerate(examples):
-            ex["gt_has_image"] = bool(image_pools.positive[q].any())
-            ex["top_image_score"] = float(images.top_score[q])
-            ex["response_image_ranks"] = response_ranks[q]
-            ex["prompt"] = _render_prompt(contexts[q])
-            if mean_ranks is not None:
-                ex["text_mean_ranks"] = mean_ranks[q]
-            if generations is not None:
-                ex["generated_text"] = generations.texts[q]
-        totals.examples += examples
+
+
+def _add_overall(totals: _Totals, texts: Scored, texts_mean: Scored | None, response: Scored,
+                 image_out: Tensor) -> None:
+    """Add the chunk's text ranks and overall ranks (both modalities, missed images) to ``totals``."""
+    totals.text.append(texts.ranks)
+    ranks, missed = _overall_ranks(texts, response, image_out)
+    totals.overall.append(ranks)
+    totals.overall_missed.append(missed)
+    if texts_mean is not None:
+        totals.overall_mean.append(_overall_ranks(texts_mean, response, image_out)[0])
+
+
+def _add_consistency(totals: _Totals, embedder: Embedder, embeddings: ImageEmbeddings, response: Scored,
+                     image_out: Tensor, text_table: list[str], texts: Scored, attribute_labels) -> None:
+    """Add the chunk's cross-modal (CLIP) and attribute consistency sums and pairs to ``totals``."""
+    c_sum, c_n = _consistency(embedder, embeddings, response, image_out, text_table, texts)
+    totals.consistency = [totals.consistency[0] + c_sum, totals.consistency[1] + c_n]
+    if attribute_labels is not None:
+        hits, n = _attribute_consistency(attribute_labels, embeddings, response, image_out, text_table, texts)
+        totals.attribute = [totals.attribute[0] + hits, totals.attribute[1] + n]
+
+
+def _add_response_details(examples: list[dict[str, Any]], images: Scored, response: Scored,
+                          texts_mean: Scored | None, contexts: list[list], generations) -> None:
+    """Add to each of the chunk's first examples how its response was answered: whether the ground
+    truth holds an image, the top image score, the response's image ranks, the prompt as read,
+    and FROMAGe's mean log-likelihood ranks and generated text where they exist."""
+    response_ranks = response.ranks_per_query()
+    mean_ranks = texts_mean.ranks_per_query() if texts_mean is not None else None
+    for q, ex in enumerate(examples):
+        ex["gt_has_image"] = bool(images.pools.positive[q].any())
+        ex["top_image_score"] = float(images.top_score[q])
+        ex["response_image_ranks"] = response_ranks[q]
+        ex["prompt"] = _render_prompt(contexts[q])
+        if mean_ranks is not None:
+            ex["text_mean_ranks"] = mean_ranks[q]
+        if generations is not None:
+            ex["generated_text"] = generations.texts[q]
 
 
 def _render_prompt(pieces: Sequence) -> str:
