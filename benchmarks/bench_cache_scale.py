@@ -36,7 +36,8 @@ import torch  # noqa: E402
 from torch.utils.data import DataLoader, RandomSampler  # noqa: E402
 
 from unimur.data import feature_cache as fc  # noqa: E402
-from unimur.data.cc3m import CaptionRow, ImageChecks, RowTable  # noqa: E402
+from unimur.data.cc3m import CaptionRow, RowTable  # noqa: E402
+from unimur.utils.images import ImageChecks  # noqa: E402
 
 MODES = {"after": {"dtype": "fp16", "shard_fingerprint": True, "verify": False},
          "before": {"dtype": "fp32", "shard_fingerprint": False, "verify": True}}

@@ -19,15 +19,13 @@ from unimur.data.cc3m import (
     CaptionCollator,
     CaptionDataset,
     CaptionRow,
-    ImageChecks,
     RowTable,
     SkipCounter,
-    UnusableImage,
     build_cc3m_datasets,
     is_empty_batch,
-    load_rgb_image,
     read_caption_tsv,
 )
+from unimur.utils.images import ImageChecks, UnusableImage, load_rgb_image
 from unimur.model.tokenizer import build_tokenizer
 
 MAX_LEN = 24
@@ -335,7 +333,7 @@ def _sideways_jpeg(path: Path) -> Image.Image:
 
 
 def test_exif_orientation_is_applied_by_the_one_loader(tmp_path):
-    from unimur.data.cc3m import prepare_image
+    from unimur.utils.images import prepare_image
 
     upright = _sideways_jpeg(tmp_path / "phone.jpg")
     loaded = load_rgb_image(tmp_path / "phone.jpg")

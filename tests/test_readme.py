@@ -24,7 +24,7 @@ def readme_block(section: str) -> str:
 def test_use_a_trained_model_block_runs(tiny_pool, tmp_path, monkeypatch):
     from test_retrieve import reference
 
-    from unimur.data.cc3m import load_rgb_image
+    from unimur.utils.images import load_rgb_image
     from unimur.inference.image_embeddings import load_image_embeddings
 
     code = readme_block("Use a trained model")

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from unimur.commands import retrieve
-from unimur.data.cc3m import load_rgb_image
+from unimur.utils.images import load_rgb_image
 from unimur.inference.image_embeddings import load_image_embeddings, save_fromage_pickle
 
 REPO = Path(__file__).resolve().parents[1]

@@ -74,7 +74,7 @@ def _thumbnail(session: Session, item: dict[str, Any]):
     """The pool image as a small PIL image, or a grey tile naming it when its file is not found."""
     from PIL import Image, ImageDraw
 
-    from unimur.data.cc3m import UnusableImage, load_rgb_image
+    from unimur.utils.images import UnusableImage, load_rgb_image
 
     if item["file"]:
         try:

@@ -91,7 +91,7 @@ class SplitData:
 class Entry:
     """One source row before the checks. caption: str, or the raw bytes when not UTF-8.
     name: image name relative to the split's root (what the TSV converter writes).
-    ref: what :func:`unimur.data.cc3m.load_rgb_image` opens, None when the image is absent.
+    ref: what :func:`unimur.utils.images.load_rgb_image` opens, None when the image is absent.
     skip: why the shard reader refuses the row (``unsafe_name``, ...), None otherwise."""
 
     caption: str | bytes

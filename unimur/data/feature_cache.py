@@ -8,7 +8,7 @@ Files, in ``cache_dir`` (``name`` defaults to ``features``):
 
 * ``<name>.safetensors``: tensors ``image_pooled`` (N, Dp), ``image_embed`` (N, Dv),
   ``text_embed`` (N, Dt) in the storage dtype, ``valid`` (N,) bool and ``skip_code`` (N,) uint8
-  (0 = valid, else 1 + index in :data:`unimur.data.cc3m.IMAGE_SKIP_REASONS`), one row per
+  (0 = valid, else 1 + index in :data:`unimur.utils.images.IMAGE_SKIP_REASONS`), one row per
   :class:`~unimur.data.cc3m.CaptionRow`, in row order. Invalid rows hold zero image features.
 * ``<name>.json``: the sidecar: cache key and the parts it hashes, row/valid counts, skip
   counts, dims, and the data file's SHA-256 and stamp (size, mtime, header hash). It is
@@ -62,14 +62,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from unimur.data.cc3m import (
-    IMAGE_LOADER_VERSION,
-    IMAGE_SKIP_REASONS,
-    CaptionDataset,
-    CaptionRow,
-    ImageChecks,
-    RowTable,
-)
+from unimur.data.cc3m import CaptionDataset, CaptionRow, RowTable
+from unimur.utils.images import IMAGE_LOADER_VERSION, IMAGE_SKIP_REASONS, ImageChecks
 from unimur.utils.safetensors_io import read_safetensors, write_safetensors, file_stamp  # noqa: F401 (tests use them via fc)
 from unimur.utils.safetensors_io import CacheMiss
 from unimur.utils.files import file_sha256

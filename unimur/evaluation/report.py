@@ -139,7 +139,7 @@ def _thumbnail(path: str, size: int = 160):
     """An RGB array of the image at ``path``, or None if it cannot be read."""
     import numpy as np
 
-    from unimur.data.cc3m import load_rgb_image
+    from unimur.utils.images import load_rgb_image
 
     try:
         img = load_rgb_image(path)  # upright and on white, as the encoder saw it

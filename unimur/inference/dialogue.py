@@ -20,7 +20,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Sequence
 
-from unimur.data.cc3m import UnusableImage, load_rgb_image
+from unimur.utils.images import UnusableImage, load_rgb_image
 from unimur.inference.image_embeddings import ImageEmbeddings
 from unimur.data.mmdialog import Segment, parse_turn
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from unimur.data.cc3m import IMAGE_LOADER_VERSION
+from unimur.utils.images import IMAGE_LOADER_VERSION
 from unimur.inference.image_embeddings import (ImageEmbeddings, load_image_embeddings, part_ids, save_fromage_pickle,
                                save_image_embeddings, save_image_embeddings_from_parts)
 from unimur.model.pretrained import artifact_owning

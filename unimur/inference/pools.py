@@ -17,7 +17,7 @@ import logging
 import os
 from pathlib import Path
 
-from unimur.data.cc3m import IMAGE_LOADER_VERSION
+from unimur.utils.images import IMAGE_LOADER_VERSION
 from unimur.inference.image_embeddings import ImageEmbeddings, check_widths, finite_rows, load_image_embeddings, save_image_embeddings
 
 logger = logging.getLogger(__name__)

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from unimur.model.backbones.hub import square_input_size
-from unimur.data.cc3m import UnusableImage, load_rgb_image
+from unimur.utils.images import UnusableImage, load_rgb_image
 from unimur.inference.image_embeddings import ImageEmbeddings
 from unimur.model.model import Piece, UniMuR
 from unimur.ranking import topk_chunked

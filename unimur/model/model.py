@@ -24,7 +24,7 @@ from torch import nn
 
 from unimur.model.backbones.hub import FrozenEncoders, ImageFeatures, freeze, load_encoders, load_llm
 from unimur.config import ModelConfig
-from unimur.data.cc3m import prepare_image
+from unimur.utils.images import prepare_image
 from unimur.model.packing import concat_pairs
 from unimur.model.tokenizer import build_tokenizer
 
