@@ -24,7 +24,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from unimur.model.backbones.hub import DTYPES, freeze, llm_config, load_encoders, load_llm  # noqa: E402
+from unimur.model.backbones.base import DTYPES, freeze  # noqa: E402
+
+from unimur.model.backbones.hub import llm_config  # noqa: E402
+
+from unimur.model.backbones.registry import load_encoders, load_llm  # noqa: E402
 from unimur.config import LossConfig, ModelConfig  # noqa: E402
 from unimur.train.loss import UniMuRLoss  # noqa: E402
 from unimur.model.model import UniMuR  # noqa: E402

@@ -75,7 +75,7 @@ def main(argv=None) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    from unimur.model.backbones.hub import DTYPES
+    from unimur.model.backbones.base import DTYPES
 
     for what, make in (("LLM folder", lambda: write_llm(out / "llm", args.llm, DTYPES[args.dtype], device)),
                        ("CLIP weights", lambda: write_clip(out / "clip.pt", args.clip)),

@@ -27,7 +27,7 @@ def tiny_model_config():
 @pytest.fixture(scope="session")
 def tiny_backbones():
     """(llm, encoders, tokenizer, ret_id): built once; frozen, so safe to share."""
-    from unimur.model.backbones.hub import load_encoders, load_llm
+    from unimur.model.backbones.registry import load_encoders, load_llm
     from unimur.model.tokenizer import build_tokenizer
 
     tok, ret_id = build_tokenizer("tiny-opt")

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from unimur.model.backbones.hub import load_encoders
+from unimur.model.backbones.registry import load_encoders
 from unimur.data.cc3m import (
     CaptionCollator,
     CaptionDataset,

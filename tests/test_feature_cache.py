@@ -19,7 +19,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from unimur.data import feature_cache as fc
-from unimur.model.backbones.hub import load_encoders
+from unimur.model.backbones.registry import load_encoders
 from unimur.data.cc3m import CaptionCollator, CaptionRow, read_caption_tsv
 from unimur.utils.images import ImageChecks, load_rgb_image
 from unimur.data.feature_cache import (

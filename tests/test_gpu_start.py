@@ -101,7 +101,7 @@ def test_a_cache_folder_not_shared_between_ranks_ends_in_one_line(tmp_path):
 
 
 def test_the_encoding_autocast_is_part_of_the_cache_key(tmp_path, caplog):
-    from unimur.model.backbones.hub import load_encoders
+    from unimur.model.backbones.registry import load_encoders
     from unimur.data.feature_cache import load_or_build_feature_cache
     from unimur.data.synthetic.generator import generate
     from unimur.data.cc3m_sources import read_split

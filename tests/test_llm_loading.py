@@ -58,7 +58,7 @@ def test_accelerate_is_a_core_dependency():
 def test_without_accelerate_the_cpu_fails_like_a_gpu(opt_folder):
     folder, _ = opt_folder
     code = ("import sys; sys.modules['accelerate'] = None\n"  # hidden, as on a machine without it
-            "from unimur.model.backbones.hub import load_llm\n"
+            "from unimur.model.backbones.registry import load_llm\n"
             f"load_llm({str(folder)!r}, device='cpu')\n")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)

@@ -9,7 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from unimur.model.backbones.hub import llm_config, load_encoders, resolve_open_clip
+from unimur.model.backbones.hub import llm_config, resolve_open_clip
+
+from unimur.model.backbones.registry import load_encoders
 from unimur.config import Config, ModelConfig
 from unimur.commands.convert_fromage import convert
 from unimur.inference.image_embeddings import load_image_embeddings
@@ -175,7 +177,7 @@ def test_llm_weights_load_straight_to_their_device_with_the_same_arguments(monke
     arguments the CPU tests take (tests/test_llm_loading.py loads a real folder that way)."""
     from transformers import AutoModelForCausalLM
 
-    from unimur.model.backbones.hub import load_llm
+    from unimur.model.backbones.registry import load_llm
 
     calls = []
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained",

@@ -108,7 +108,7 @@ def test_hub_id_neither_cached_nor_reachable_is_one_line(data, tmp_path, capsys)
 def test_clip_download_failure_names_the_model_and_the_fix(monkeypatch):
     import open_clip
 
-    from unimur.model.backbones.hub import load_encoders
+    from unimur.model.backbones.registry import load_encoders
 
     def offline(*a, **k):  # what open_clip raises when the weights are neither cached nor reachable
         raise RuntimeError("Failed to download weights for tag 'openai': Failed to download file. More text")

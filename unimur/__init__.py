@@ -24,7 +24,7 @@ _API = {
     "UniMuR": "unimur.model.model",                       # the model: frozen LLM + CLIP, trainable maps
     "ModelConfig": "unimur.config",                 # its config (names the frozen backbones)
     "Config": "unimur.config",                      # the full training config tree
-    "load_pretrained": "unimur.model.pretrained",         # a pruned model folder -> UniMuR
+    "load_pretrained": "unimur.model.model",              # a pruned model folder -> UniMuR
     "save_pretrained": "unimur.model.pretrained",
     "read_model_config": "unimur.model.pretrained",
     "Retriever": "unimur.inference.retriever",                # top-k images and texts for dialogues
@@ -57,7 +57,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load lazi
     from unimur.config import Config, ModelConfig  # noqa: F401
     from unimur.inference.dialogue import read_dialogue  # noqa: F401
     from unimur.inference.image_embeddings import ImageEmbeddings, load_image_embeddings, save_image_embeddings  # noqa: F401
-    from unimur.model.model import UniMuR  # noqa: F401
     from unimur.inference.pools import read_texts  # noqa: F401
-    from unimur.model.pretrained import load_pretrained, read_model_config, save_pretrained  # noqa: F401
+    from unimur.model.model import UniMuR, load_pretrained  # noqa: F401
+    from unimur.model.pretrained import read_model_config, save_pretrained  # noqa: F401
     from unimur.inference.retriever import ModelEmbedder, RetrievalResult, Retriever  # noqa: F401

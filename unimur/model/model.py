@@ -22,10 +22,13 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from unimur.model.backbones.hub import FrozenEncoders, ImageFeatures, freeze, load_encoders, load_llm
+from unimur.model.backbones.base import FrozenEncoders, ImageFeatures, freeze
+
+from unimur.model.backbones.registry import load_encoders, load_llm
 from unimur.config import ModelConfig
 from unimur.utils.images import prepare_image
 from unimur.model.packing import concat_pairs
+from unimur.model.pretrained import read_pretrained
 from unimur.model.tokenizer import build_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -110,10 +113,17 @@ class UniMuR(nn.Module):
 
     @classmethod
     def from_pretrained(cls, model_dir, device="cpu") -> "UniMuR":
-        """Rebuild a pruned model folder (`unimur_model/`); see `unimur.model.pretrained`."""
-        from unimur.model.pretrained import load_pretrained  # pretrained imports this module
-
-        return load_pretrained(model_dir, device)
+        """Rebuild a pruned model folder (`unimur_model/`, checked by
+        `unimur.model.pretrained.read_pretrained`): the frozen backbones from the identifiers in
+        its config, then its trainable weights, strictly."""
+        folder = read_pretrained(model_dir)
+        config = folder.config
+        llm = load_llm(config.llm, config.llm_dtype)
+        encoders = load_encoders(config.visual_model, config.text_model, config.encoder_dtype)
+        model = cls(config, llm, encoders, folder.tokenizer, folder.ret_id)
+        model.load_trainable_state_dict(folder.state, source=str(folder.weights_path))
+        logger.info("loaded %s (%s, %s + %s)", model_dir, config.method, config.llm, config.visual_model)
+        return model.to(device).eval()
 
     @classmethod
     def skeleton(cls, config: ModelConfig) -> "UniMuR":
@@ -511,3 +521,7 @@ def _bos_prefix(tokenizer) -> list[int]:
     n = len(with_special) - len(plain)
     return list(with_special[:n]) if n > 0 and with_special[n:] == plain else []
 
+
+def load_pretrained(model_dir, device="cpu") -> UniMuR:
+    """A pruned model folder as a model: :meth:`UniMuR.from_pretrained`."""
+    return UniMuR.from_pretrained(model_dir, device)

@@ -6,8 +6,8 @@
       tokenizer/           the LLM tokenizer with [RET] (its id is checked on load)
       manifest.json        format version, [RET] id, parameter names/shapes, sha256 of the weights
 
-`load_pretrained` rebuilds the frozen backbones from the stored identifiers and loads the
-trainable weights strictly; a tampered or mismatched folder fails with a message naming
+`read_pretrained` checks a folder and reads it; `UniMuR.from_pretrained` rebuilds the frozen
+backbones from the stored identifiers and loads the trainable weights strictly; a tampered or mismatched folder fails with a message naming
 what differs.
 """
 from __future__ import annotations
@@ -17,15 +17,15 @@ import logging
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from unimur.model.backbones.hub import load_encoders, load_llm
 from unimur.utils.files import file_sha256
 from unimur.config import ModelConfig, from_dict
-from unimur.model.model import UniMuR
 from unimur.model.tokenizer import build_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -126,7 +126,21 @@ def read_model_config(model_dir: str | Path) -> ModelConfig:
     return from_dict(ModelConfig, json.loads(path.read_text()), path=f"[{path}]")
 
 
-def load_pretrained(model_dir: str | Path, device: str | torch.device = "cpu") -> UniMuR:
+@dataclass
+class PretrainedFolder:
+    """A checked pruned model folder: what `UniMuR.from_pretrained` builds the model from."""
+
+    config: ModelConfig
+    tokenizer: Any
+    ret_id: int
+    state: dict[str, torch.Tensor]     # the trainable weights
+    weights_path: Path
+
+
+def read_pretrained(model_dir: str | Path) -> PretrainedFolder:
+    """Read and check a pruned model folder: every file present, the format known, the weights'
+    sha256 as the manifest records, the tokenizer's [RET] id the trained one. The frozen backbones
+    are not loaded here (`UniMuR.from_pretrained` does that from ``config``)."""
     model_dir = Path(model_dir)
     config = read_model_config(model_dir)
     manifest_path, weights_path = model_dir / MANIFEST, model_dir / WEIGHTS
@@ -144,9 +158,4 @@ def load_pretrained(model_dir: str | Path, device: str | torch.device = "cpu") -
     if ret_id != manifest["ret_token_id"]:
         raise ValueError(f"{model_dir}: tokenizer gives [RET] id {ret_id}, the model was trained with "
                          f"{manifest['ret_token_id']}")
-    llm = load_llm(config.llm, config.llm_dtype)
-    encoders = load_encoders(config.visual_model, config.text_model, config.encoder_dtype)
-    model = UniMuR(config, llm, encoders, tokenizer, ret_id)
-    model.load_trainable_state_dict(load_file(str(weights_path)), source=str(weights_path))
-    logger.info("loaded %s (%s, %s + %s)", model_dir, config.method, config.llm, config.visual_model)
-    return model.to(device).eval()
+    return PretrainedFolder(config, tokenizer, ret_id, load_file(str(weights_path)), weights_path)

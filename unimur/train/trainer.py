@@ -27,7 +27,8 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from unimur.utils import distributed as dist_utils
-from unimur.model.backbones.hub import ImageFeatures, compile_llm, square_input_size
+from unimur.model.backbones.base import ImageFeatures
+from unimur.model.backbones.hub import compile_llm, square_input_size
 from unimur.train.checkpoint import (BEST, LATEST, load_checkpoint, remove_stale_temp_files, resolve_resume,
                          rng_state, save_checkpoint, set_rng_state)
 from unimur.config import Config

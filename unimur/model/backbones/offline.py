@@ -40,7 +40,7 @@ from PIL import Image
 from safetensors.torch import save_file
 from torch import nn
 
-from unimur.model.backbones.hub import DTYPES, FrozenEncoders, ImageFeatures, freeze
+from unimur.model.backbones.base import DTYPES, FrozenEncoders, ImageFeatures, freeze
 from unimur.utils.files import file_sha256
 
 logger = logging.getLogger(__name__)
