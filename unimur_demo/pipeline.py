@@ -386,28 +386,63 @@ def evaluate(model, model_dir: Path, data: dict[str, Path], meta: dict[str, Any]
 # ----------------------------------------------------------------------------------------------
 
 
+TRAIN_STAGE = "train (SmolLM2 + EfficientNet-Lite0 + MiniLM; incl. feature cache)"
+
+
 def run(out: Path, seed: int, cfg: DemoConfig, random_init: bool, untrained: bool = False
         ) -> dict[str, Any]:
+    """Every stage: data, training, pruning, evaluation, pools, the table; returns the summary
+    (also written to ``<out>/results/summary.json``)."""
     import torch
 
     from unimur.model.backbones import offline as offline_backbones
-    from unimur_demo.pools import try_commands, write_pools
     from unimur_demo.report import chance, results_table
-    from unimur.train.export import prune
 
     stages = Stages()
     check_packages(random_init)
     out.mkdir(parents=True, exist_ok=True)
-    results_dir, models_dir = out / "results", out / "models"
     with stages("setup: SmolLM2 safetensors cache (first run only)"):
         offline_backbones.smollm2_dir()
     with stages("generate synthetic data"):
         data = ensure_data(out / "data", seed, cfg.data_sizes())
     meta = json.loads(data["meta"].read_text())
     logger.info("held-out (colour, shape) pairs: %s", ", ".join(" ".join(p) for p in meta["heldout_pairs"]))
+    models, trained_dir, pools, cache_s = _train_and_evaluate(stages, out, seed, cfg, data, meta,
+                                                              random_init, untrained)
 
-    name = "train (SmolLM2 + EfficientNet-Lite0 + MiniLM; incl. feature cache)"
-    with stages(name):
+    visdial_pool = models[PRETRAINED.label]["visdial"]["counts"]["dialogues_evaluated"]
+    mm_pool = cfg.n_negatives + 1  # each ground-truth element ranks against its negatives only
+    chance_by_bench = {"visdial": chance(visdial_pool), "mmdialog": chance(mm_pool)}
+    table = results_table(models, chance_by_bench)
+    total = stages.total()
+    summary = {
+        "config": dataclasses.asdict(cfg), "seed": seed, "random_init_baseline": random_init,
+        "untrained_baseline": untrained,
+        "heldout_pairs": meta["heldout_pairs"],
+        "models": {label: {bench: r["subsets"] for bench, r in res.items()} for label, res in models.items()},
+        "chance": chance_by_bench,
+        "stage_seconds": {k: round(v, 1) for k, v in stages.seconds.items()},
+        "feature_cache_build_seconds": cache_s, "total_seconds": round(total, 1),
+        "table": table, "torch_threads": torch.get_num_threads(),
+    }
+    results_dir = out / "results"
+    results_dir.mkdir(parents=True, exist_ok=True)
+    (results_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    chance_note = (f"chance: VisDial pool of {visdial_pool} images; MMDialog {cfg.n_negatives} "
+                   f"negatives + 1 per ground-truth element")
+    _print_results(summary, chance_note, _timing_table(stages, cache_s, total), results_dir, trained_dir, pools)
+    return summary
+
+
+def _train_and_evaluate(stages: "Stages", out: Path, seed: int, cfg: DemoConfig, data: dict[str, Path],
+                        meta: dict[str, Any], random_init: bool, untrained: bool):
+    """Train, prune and evaluate the model (and the baselines asked for); write the retrieval
+    pools. Returns (results by model label, the trained model folder, the pools, cache seconds)."""
+    from unimur.train.export import prune
+    from unimur_demo.pools import write_pools
+
+    results_dir, models_dir = out / "results", out / "models"
+    with stages(TRAIN_STAGE):
         run_dir, ckpt, cache_s = train(PRETRAINED, cfg, data, out, seed)
     with stages("prune best checkpoint"):
         trained_dir = prune(ckpt, models_dir / "trained")
@@ -434,48 +469,40 @@ def run(out: Path, seed: int, cfg: DemoConfig, random_init: bool, untrained: boo
             models[RANDOM_INIT.label] = evaluate(model, rmodel_dir, data, meta, results_dir,
                                                  "random_init", cfg.eval_batch_size, png=False)
             del model
+    return models, trained_dir, pools, cache_s
 
-    visdial_pool = models[PRETRAINED.label]["visdial"]["counts"]["dialogues_evaluated"]
-    mm_pool = cfg.n_negatives + 1  # each ground-truth element ranks against its negatives only
-    chance_by_bench = {"visdial": chance(visdial_pool), "mmdialog": chance(mm_pool)}
-    table = results_table(models, chance_by_bench)
-    total = stages.total()
-    timing_lines = []
-    for name_, s in stages.seconds.items():
-        timing_lines.append(f"  {name_:<72}{s:7.1f} s")
-        if name_ == name:
-            timing_lines.append(f"    of which feature cache build (train + val): {sum(cache_s.values()):.1f} s"
-                                if sum(cache_s.values()) else "    (feature cache reused: built by an earlier run)")
-    timing = "\n".join(timing_lines + [f"  {'total':<72}{total:7.1f} s"])
-    heldout = ", ".join(" ".join(p) for p in meta["heldout_pairs"])
-    chance_note = (f"chance: VisDial pool of {visdial_pool} images; MMDialog {cfg.n_negatives} "
-                   f"negatives + 1 per ground-truth element")
-    summary = {
-        "config": dataclasses.asdict(cfg), "seed": seed, "random_init_baseline": random_init,
-        "untrained_baseline": untrained,
-        "heldout_pairs": meta["heldout_pairs"],
-        "models": {label: {bench: r["subsets"] for bench, r in res.items()} for label, res in models.items()},
-        "chance": chance_by_bench,
-        "stage_seconds": {k: round(v, 1) for k, v in stages.seconds.items()},
-        "feature_cache_build_seconds": cache_s, "total_seconds": round(total, 1),
-        "table": table, "torch_threads": torch.get_num_threads(),
-    }
-    results_dir.mkdir(parents=True, exist_ok=True)
-    (results_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+def _timing_table(stages: "Stages", cache_s: dict[str, float], total: float) -> str:
+    """Wall time per stage, with the feature cache's share of the training stage."""
+    lines = []
+    for name, s in stages.seconds.items():
+        lines.append(f"  {name:<72}{s:7.1f} s")
+        if name == TRAIN_STAGE:
+            lines.append(f"    of which feature cache build (train + val): {sum(cache_s.values()):.1f} s"
+                         if sum(cache_s.values()) else "    (feature cache reused: built by an earlier run)")
+    return "\n".join(lines + [f"  {'total':<72}{total:7.1f} s"])
+
+
+def _print_results(summary: dict[str, Any], chance_note: str, timing: str, results_dir: Path,
+                   trained_dir: Path, pools) -> None:
+    """The demo's output: the table, what its columns are, the timing and the commands to try."""
+    from unimur_demo.pools import try_commands
+
+    heldout = ", ".join(" ".join(p) for p in summary["heldout_pairs"])
     print("\n" + "=" * 100)
-    print(f"UniMuR demo results (synthetic data, seed {seed}); held-out pairs: {heldout}")
-    print(table)
+    print(f"UniMuR demo results (synthetic data, seed {summary['seed']}); held-out pairs: {heldout}")
+    print(summary["table"])
     print(chance_note)
     print("columns: trained = UniMuR trained on frozen pretrained SmolLM2-135M + EfficientNet-Lite0 "
           "+ all-MiniLM-L6-v2;"
-          + ("\n         untrained = the same before training (initial weights);" if untrained else "")
+          + ("\n         untrained = the same before training (initial weights);"
+             if summary["untrained_baseline"] else "")
           + ("\n         random-init bb = the same training on random-init backbones (tiny-opt + tiny-clip)"
-             if random_init else ""))
+             if summary["random_init_baseline"] else ""))
     print("\nWall time per stage:\n" + timing)
     print(f"\nResults: {results_dir}/ (summary.json, <model>_<benchmark>.json, trained_*_examples.png)")
     print("\n" + try_commands(trained_dir, pools))
     print("=" * 100)
-    return summary
 
 
 def _load(model_dir: Path):

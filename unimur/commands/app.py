@@ -93,28 +93,8 @@ def build_app(session: Session, k: int = 3, initial_turns: list | None = None):
     with, already answered (``--dialogue``)."""
     import gradio as gr
 
-    def send(message: str, image: str | None, k_value: float, state: ChatState | None):
-        state = state or ChatState()
-        message = (message or "").strip()
-        if not message and not image:
-            raise gr.Error("type a turn or attach an image")
-        turn = ([("text", message)] if message else []) + ([("image", image)] if image else [])
-        with _shown_errors():
-            answer = respond(session, state.turns + [turn], int(k_value))
-        state.turns.append(turn)
-        return (_chat(state, session, answer), _gallery(session, answer), _texts(answer),
-                _status(answer), state, "", None)
-
-    def clear():
-        return [], [], [], "", ChatState(), "", None
-
-    # the page's first content: empty, or the --dialogue answered (computed once, here)
-    first = ChatState()
-    shown: tuple = ([], [], [], "")
-    if initial_turns:
-        first.turns = [list(t) for t in initial_turns]
-        answer = respond(session, first.turns, k)
-        shown = (_chat(first, session, answer), _gallery(session, answer), _texts(answer), _status(answer))
+    send = _send_turn(session)
+    first, shown = _first_view(session, k, initial_turns)
 
     with gr.Blocks(title="UniMuR", analytics_enabled=False) as app:
         gr.Markdown(f"## {TITLE}\n{_describe(session)}")
@@ -143,7 +123,7 @@ def build_app(session: Session, k: int = 3, initial_turns: list | None = None):
         outputs = [chat, gallery, texts, status, state, message, image]
         send_btn.click(send, [message, image, k_slider, state], outputs, api_name="send")
         message.submit(send, [message, image, k_slider, state], outputs, api_visibility="private")
-        clear_btn.click(clear, None, outputs, api_visibility="private")
+        clear_btn.click(lambda: ([], [], [], "", ChatState(), "", None), None, outputs, api_visibility="private")
 
         def retrieve(dialogue: str, k: int = 3) -> dict:
             """Answer a dialogue (MMDialog turn-format JSON, or a JSON list of turn strings;
@@ -153,6 +133,35 @@ def build_app(session: Session, k: int = 3, initial_turns: list | None = None):
 
         gr.api(retrieve, api_name="retrieve")
     return app
+
+
+def _send_turn(session: Session):
+    """The chat step: one turn (text, image or both) added to the dialogue, which is answered."""
+    import gradio as gr
+
+    def send(message: str, image: str | None, k_value: float, state: ChatState | None):
+        state = state or ChatState()
+        message = (message or "").strip()
+        if not message and not image:
+            raise gr.Error("type a turn or attach an image")
+        turn = ([("text", message)] if message else []) + ([("image", image)] if image else [])
+        with _shown_errors():
+            answer = respond(session, state.turns + [turn], int(k_value))
+        state.turns.append(turn)
+        return (_chat(state, session, answer), _gallery(session, answer), _texts(answer),
+                _status(answer), state, "", None)
+
+    return send
+
+
+def _first_view(session: Session, k: int, initial_turns: list | None) -> tuple[ChatState, tuple]:
+    """The page's first content: empty, or the --dialogue answered (computed once, here)."""
+    first = ChatState()
+    if not initial_turns:
+        return first, ([], [], [], "")
+    first.turns = [list(t) for t in initial_turns]
+    answer = respond(session, first.turns, k)
+    return first, (_chat(first, session, answer), _gallery(session, answer), _texts(answer), _status(answer))
 
 
 @contextlib.contextmanager
