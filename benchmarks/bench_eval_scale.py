@@ -5,7 +5,7 @@ dialogues, each with 999 negative texts and 999 negative images (MMDialog's prot
     python benchmarks/bench_eval_scale.py --sizes 1000 3000 --one-pass   # also the unchunked way
 
 A synthetic split in MMDialog's format (JSON Lines, distinct negative texts per dialogue, as in
-the real test split) runs through `unimur.evaluation.api.evaluate_mmdialog`, the function behind
+the real test split) runs through `unimur.evaluation.mmdialog.protocol.evaluate_mmdialog`, the function behind
 `evals/eval_mmdialog.py`, with precomputed image embeddings (what `extract_vis_emb.py` writes)
 and a stub embedder whose query and text embeddings are random: this times the evaluation's
 own work (reading, pools, scoring, ranking), not a model. Each size runs in a fresh process so
@@ -71,7 +71,7 @@ def child(n: int, negatives: int, dim: int, chunk: int, workdir: Path) -> dict:
     import torch
 
     from unimur.inference.image_embeddings import ImageEmbeddings
-    from unimur.evaluation.api import evaluate_mmdialog
+    from unimur.evaluation.mmdialog.protocol import evaluate_mmdialog
 
     n_media = 20_000
     t0 = time.perf_counter()

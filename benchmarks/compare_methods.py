@@ -153,7 +153,8 @@ def evaluate(model, evaluation: str, data: dict[str, Path], labels, cfg: demo.De
              validation: dict[str, Any] | None = None) -> dict:
     """One model under one evaluation's rules: the evaluations' metrics and per-query arrays
     (``validation``: the split and labels a threshold rule is chosen on)."""
-    from unimur.evaluation.api import evaluate_mmdialog, evaluate_visdial
+    from unimur.evaluation.mmdialog.protocol import evaluate_mmdialog
+    from unimur.evaluation.visdial import evaluate_visdial
     from unimur.inference.rules import best_threshold
 
     e = EVALUATIONS[evaluation]

@@ -15,7 +15,8 @@ from unimur.inference.extract import extract, list_images
 from unimur.model.model import UniMuR
 from unimur.train.export import prune
 from unimur.ranking import topk_chunked
-from unimur.inference.retriever import ModelEmbedder, Retriever
+from unimur.inference.embedder import ModelEmbedder
+from unimur.inference.retriever import Retriever
 
 ROOT = Path(__file__).resolve().parents[1]
 CONTEXTS = [["Q: what colour is the circle? A: red."], ["a blue square", "on the left"]]

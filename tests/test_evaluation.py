@@ -14,7 +14,8 @@ import torch.nn.functional as F
 
 from unimur.inference.image_embeddings import ImageEmbeddings, save_image_embeddings
 from unimur.evaluation.report import format_table, save_examples_png, write_results
-from unimur.evaluation.api import evaluate_mmdialog, evaluate_visdial
+from unimur.evaluation.mmdialog.protocol import evaluate_mmdialog
+from unimur.evaluation.visdial import evaluate_visdial
 from unimur.data.mmdialog import media_path
 from unimur.data.visdial import visdial_image_path
 
@@ -422,7 +423,7 @@ def test_eval_visdial_script(e2e, tmp_path):
 
 def test_eval_mmdialog_script(e2e, tmp_path):
     from unimur.commands import eval_mmdialog
-    from unimur.inference.retriever import ModelEmbedder
+    from unimur.inference.embedder import ModelEmbedder
 
     root, paths, model = e2e
     args = ["--model-dir", str(root / "unimur_model"), "--mmdialog-dir", str(paths["mmdialog_dir"]),
@@ -527,7 +528,7 @@ def test_eval_scripts_read_their_data_before_loading_the_model(e2e, tmp_path, ca
 def test_fromage_model_reports_images_only(e2e, tiny_backbones):
     from unimur.config import ModelConfig
     from unimur.model.model import UniMuR
-    from unimur.inference.retriever import ModelEmbedder
+    from unimur.inference.embedder import ModelEmbedder
 
     _, paths, _ = e2e
     config = ModelConfig(method="fromage", target_proj="linear", llm="tiny-opt", visual_model="tiny-clip")

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from test_evaluation import (KB, KG, KG2, KR, MM_NEG, assert_metrics, mm_stub, write_mmdialog)
-from unimur.evaluation.api import evaluate_mmdialog
+from unimur.evaluation.mmdialog.protocol import evaluate_mmdialog
 
 # scores a FROMAGe-like stub gives each (context keyword, candidate text): higher is likelier
 LOGLIK = {("show me red", "here red"): -1.0, ("green please", "green thing"): -0.5,
@@ -157,7 +157,7 @@ def test_fromage_model_fills_every_cell_of_the_mmdialog_table(fromage_model_dir,
 
 def test_visdial_ret_token_rule(tmp_path):
     from test_evaluation import vd_stub, write_visdial
-    from unimur.evaluation.api import evaluate_visdial
+    from unimur.evaluation.visdial import evaluate_visdial
 
     stub = vd_stub()
     stub.generate_responses = lambda contexts, max_tokens=32: fixed_generations(

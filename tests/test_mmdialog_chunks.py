@@ -5,7 +5,7 @@ import torch
 
 from test_evaluation import MM_NEG, StubEmbedder, mm_stub, write_mmdialog
 from test_fromage_eval import FromageStub, Labels
-from unimur.evaluation.api import evaluate_mmdialog
+from unimur.evaluation.mmdialog.protocol import evaluate_mmdialog
 from unimur.evaluation.mmdialog.protocol import _TextEmbeddingCache
 
 
@@ -59,7 +59,7 @@ class _StrictStub(StubEmbedder):
     def embed_images(self, paths, ids=None):
         from pathlib import Path
 
-        from unimur.inference.retriever import NoUsableImages
+        from unimur.inference.embedder import NoUsableImages
 
         readable = [p for p in paths if Path(p).is_file() and not Path(p).read_bytes().startswith(b"BAD")]
         if not readable:

@@ -141,7 +141,7 @@ def test_fromage_pickle_rows_are_l2_normalised_and_rank_by_cosine(tmp_path):
 def test_squash_resize_is_fromages_whole_image_resize(tiny_model, tmp_path):
     from PIL import Image
 
-    from unimur.inference.retriever import ModelEmbedder
+    from unimur.inference.embedder import ModelEmbedder
 
     g = torch.Generator().manual_seed(0)
     img = Image.fromarray((torch.rand(40, 90, 3, generator=g) * 255).byte().numpy())  # wide: crop != squash

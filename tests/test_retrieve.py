@@ -130,11 +130,11 @@ def test_model_folder_embedding_file_is_used_and_named(tiny_pool, tmp_path, caps
 
 
 def test_image_dir_pool_is_embedded_once_then_cached(tiny_pool, tmp_path, capsys, monkeypatch):
-    from unimur.inference import retriever
+    from unimur.inference import embedder
 
     calls = []
-    real = retriever.ModelEmbedder.embed_images
-    monkeypatch.setattr(retriever.ModelEmbedder, "embed_images",
+    real = embedder.ModelEmbedder.embed_images
+    monkeypatch.setattr(embedder.ModelEmbedder, "embed_images",
                         lambda self, *a, **kw: calls.append(1) or real(self, *a, **kw))
     argv = ["--model-dir", str(tiny_pool.model_dir), "--image-dir", str(tiny_pool.image_dir),
             "--cache-dir", str(tmp_path / "cache"), "--query", "a green circle", "--device", "cpu"]

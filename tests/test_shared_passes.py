@@ -2,7 +2,7 @@
 
 import torch
 
-from unimur.inference.retriever import ModelEmbedder
+from unimur.inference.embedder import ModelEmbedder
 from unimur.inference.frozen_pass_memo import FrozenPassMemo, unified_from_prefix
 
 CONTEXTS = [["what colour is the star? it is red."], ["hello"], ["a longer context about a blue circle on the left"]]

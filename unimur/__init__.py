@@ -29,7 +29,7 @@ _API = {
     "read_model_config": "unimur.model.pretrained",
     "Retriever": "unimur.inference.retriever",                # top-k images and texts for dialogues
     "RetrievalResult": "unimur.inference.retriever",
-    "ModelEmbedder": "unimur.inference.retriever",            # batched embedding of queries, images, texts
+    "ModelEmbedder": "unimur.inference.embedder",             # batched embedding of queries, images, texts
     "ImageEmbeddings": "unimur.inference.image_embeddings",         # an image pool's embeddings
     "load_image_embeddings": "unimur.inference.image_embeddings",
     "save_image_embeddings": "unimur.inference.image_embeddings",
@@ -60,4 +60,5 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load lazi
     from unimur.inference.pools import read_texts  # noqa: F401
     from unimur.model.model import UniMuR, load_pretrained  # noqa: F401
     from unimur.model.pretrained import read_model_config, save_pretrained  # noqa: F401
-    from unimur.inference.retriever import ModelEmbedder, RetrievalResult, Retriever  # noqa: F401
+    from unimur.inference.embedder import ModelEmbedder  # noqa: F401
+    from unimur.inference.retriever import RetrievalResult, Retriever  # noqa: F401

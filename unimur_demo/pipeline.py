@@ -20,7 +20,7 @@ What it runs, each stage with this project's own commands and functions (nothing
              contribute; with ``--with-untrained`` also the pipeline untrained: ``UniMuR.build``
              with the training seed (the trainer's initial weights) saved with
              ``unimur.model.pretrained.save_pretrained``.
-5. evaluate  ``unimur.evaluation.api.evaluate_visdial`` / ``evaluate_mmdialog`` (the functions behind
+5. evaluate  ``unimur.evaluation.visdial.evaluate_visdial`` / ``evaluate_mmdialog`` (the functions behind
              ``evals/eval_visdial.py`` / ``evals/eval_mmdialog.py``, same defaults) per model;
              JSON results and example PNGs under ``<out>/results``. Per-query ranks give the
              metrics on held-out and on seen (colour, shape) pairs separately.
@@ -334,7 +334,7 @@ def _embedder(model, batch_size: int, memo=None):
     Encoders without a joint image-text space (EfficientNet-Lite0 + MiniLM) carry no CLIP-V
     embeddings, so `evaluate_mmdialog` reports the cross-modal consistency as not computed (a
     CLIP cosine needs one space for both)."""
-    from unimur.inference.retriever import ModelEmbedder
+    from unimur.inference.embedder import ModelEmbedder
 
     return ModelEmbedder(model.to(_device()).eval(), batch_size=batch_size, progress=True, memo=memo)
 
@@ -348,7 +348,8 @@ def evaluate(model, model_dir: Path, data: dict[str, Path], meta: dict[str, Any]
 
     from unimur_demo.report import N_KEPT_EXAMPLES, SUBSETS_NOTE, labelled_examples, mmdialog_subsets, visdial_subsets
     from unimur.evaluation.report import format_table, save_examples_png, write_results
-    from unimur.evaluation.api import evaluate_mmdialog, evaluate_visdial
+    from unimur.evaluation.mmdialog.protocol import evaluate_mmdialog
+    from unimur.evaluation.visdial import evaluate_visdial
     from unimur.data.synthetic.generator import mmdialog_attribute_labels
 
     embedder = _embedder(model, batch_size)

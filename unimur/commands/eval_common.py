@@ -13,7 +13,7 @@ import torch
 from unimur.inference.image_embeddings import ImageEmbeddings
 from unimur.errors import UniMuRError, explain_backbone_errors
 from unimur.evaluation.report import format_table, save_examples_png, write_results
-from unimur.inference.retriever import Embedder
+from unimur.inference.embedder import Embedder
 
 logger = logging.getLogger("unimur.commands.eval_common")
 # ==============================================================================================
@@ -70,10 +70,10 @@ def check_model_dir(model_dir: str | Path) -> Path:
 
 def load_embedder(model_dir: str | Path, device: str | None = None, batch_size: int = 64,
                   num_workers: int = 0, progress: bool = True, image_resize: str = "crop"):
-    """A :class:`~unimur.inference.retriever.ModelEmbedder` over the pruned model in ``model_dir``."""
+    """A :class:`~unimur.inference.embedder.ModelEmbedder` over the pruned model in ``model_dir``."""
     from unimur.model.model import UniMuR
     from unimur.model.pretrained import read_model_config
-    from unimur.inference.retriever import ModelEmbedder
+    from unimur.inference.embedder import ModelEmbedder
 
     model_dir = check_model_dir(model_dir)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -26,7 +26,7 @@ from unimur.inference.image_embeddings import check_widths, finite_rows, load_im
 from unimur.errors import run_cli
 from unimur.commands.eval_common import (add_common_args, check_embeddings_model, check_model_dir, load_embedder,
                           model_info, report, require_path)
-from unimur.evaluation.api import MMDIALOG_NEGATIVES, evaluate_mmdialog
+from unimur.evaluation.mmdialog.protocol import MMDIALOG_NEGATIVES, evaluate_mmdialog
 from unimur.data.mmdialog import TARGETS, MMDialogStream, conversations_path
 from unimur.inference.prompting import DEFAULT_PROMPT_STYLE, PROMPT_STYLES
 from unimur.inference.rules import IMAGE_RULES, RET_MAX_TOKENS, TEXT_RANKINGS, response_rules

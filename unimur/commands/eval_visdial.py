@@ -17,7 +17,7 @@ from typing import Sequence
 from unimur.errors import run_cli
 from unimur.commands.eval_common import (add_common_args, check_model_dir, load_embedder, model_info, report,
                           require_path)
-from unimur.evaluation.api import evaluate_visdial
+from unimur.evaluation.visdial import evaluate_visdial
 from unimur.data.visdial import CONTEXTS, load_visdial, visdial_paths
 
 

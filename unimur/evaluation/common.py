@@ -1,5 +1,5 @@
 """What every benchmark's evaluation shares: the retrieval-space check, skip-count grouping,
-timing, the ranking order of examples (see `unimur.evaluation.api` for the results format)."""
+timing, the ranking order of examples (see `unimur.evaluation` for the results format)."""
 from __future__ import annotations
 
 import time
@@ -9,7 +9,7 @@ from typing import Mapping
 import torch
 from torch import Tensor
 
-from unimur.inference.retriever import Embedder
+from unimur.inference.embedder import Embedder
 
 N_EXAMPLES = 8      # queries kept in results["examples"]
 EXAMPLE_TOP_K = 5   # retrieved items kept per example

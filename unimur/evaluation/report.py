@@ -1,5 +1,5 @@
 """Reporting evaluation results: a plain-text table, strict JSON, and a PNG grid of example
-queries with their top retrieved images. Results dicts come from `unimur.evaluation.api`."""
+queries with their top retrieved images. Results dicts come from `unimur.evaluation`."""
 from __future__ import annotations
 
 import json
@@ -13,7 +13,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 
-from unimur.evaluation.api import EXAMPLE_TOP_K
+from unimur.evaluation.common import EXAMPLE_TOP_K
 from unimur.utils.files import atomic_write
 
 logger = logging.getLogger(__name__)

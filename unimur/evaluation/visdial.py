@@ -1,5 +1,5 @@
 """VisDial 1.0 dialogue -> image retrieval over the pool of all evaluated images (paper Table 3;
-SPEC section 4). Results format: `unimur.evaluation.api`."""
+SPEC section 4). Results format: `unimur.evaluation`."""
 from __future__ import annotations
 
 import logging
@@ -14,7 +14,7 @@ from torch import Tensor
 from unimur.evaluation.common import (EXAMPLE_TOP_K, N_EXAMPLES, check_dims, ranked_top_k, split_counts, timing_of)
 from unimur.inference.rules import RET_MAX_TOKENS
 from unimur.ranking import ranks_from_sim, recall_metrics
-from unimur.inference.retriever import Embedder
+from unimur.inference.embedder import Embedder
 from unimur.data.visdial import CONTEXTS as VISDIAL_CONTEXTS
 from unimur.data.visdial import build_visdial_query, load_visdial
 

@@ -72,7 +72,7 @@ def extract(model_dir: str | Path, ids: list[str], paths: list[Path], output: st
     """Embed `paths` into `output`; resumable by parts. `max_parts` stops early (tests).
     `image_root`: the folder the ids are relative to, recorded in the file (to show the images)."""
     from unimur.model.model import UniMuR
-    from unimur.inference.retriever import ModelEmbedder
+    from unimur.inference.embedder import ModelEmbedder
 
     model_dir, output = Path(model_dir), Path(output)
     check_output(output)

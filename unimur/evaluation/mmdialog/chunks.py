@@ -17,7 +17,7 @@ import torch
 from unimur.inference.image_embeddings import TENSORS, ImageEmbeddings
 from unimur.evaluation.common import add_count
 from unimur.data.mmdialog import MMDialogQuery, media_path
-from unimur.inference.retriever import Embedder, NoUsableImages
+from unimur.inference.embedder import Embedder, NoUsableImages
 
 logger = logging.getLogger(__name__)
 

@@ -1,5 +1,5 @@
 """MMDialog multimodal response retrieval with per-dialogue pools (paper Table 1; SPEC section 4).
-Results format: `unimur.evaluation.api`."""
+Results format: `unimur.evaluation`."""
 from __future__ import annotations
 
 import logging
@@ -23,7 +23,7 @@ from unimur.inference.prompting import DEFAULT_PROMPT_STYLE, PromptBuilder, cand
 from unimur.inference.rules import (IMAGE_RULES, RET_MAX_TOKENS, TEXT_RANKINGS, describe_image_rule,  # noqa: F401
                              image_output_quality, image_outputs, response_rules)
 from unimur.ranking import recall_metrics
-from unimur.inference.retriever import Embedder
+from unimur.inference.embedder import Embedder
 
 logger = logging.getLogger(__name__)
 
@@ -221,7 +221,7 @@ def evaluate_mmdialog(embedder: Embedder, mmdialog_dir: str | Path, *, split: st
                       n_negatives: int = MMDIALOG_NEGATIVES,
                       data: MMDialogStream | tuple[Iterable[MMDialogQuery], Counter] | None = None
                       ) -> dict[str, Any]:
-    """MMDialog multimodal response retrieval (SPEC section 4); results format: `unimur.evaluation.api`.
+    """MMDialog multimodal response retrieval (SPEC section 4); results format: `unimur.evaluation`.
 
     Args:
         embedder: the model (or a stub) behind the :class:`Embedder` interface.
@@ -350,7 +350,7 @@ def _mmdialog_counts(reader_skipped: Counter, chunks: ChunkedQueries, totals: _T
 
 def _results(settings: dict[str, Any], counts: dict[str, Any], totals: _Totals, rules: _Rules, table: MediaTable,
              timing: dict[str, Any], attribute_labels) -> dict[str, Any]:
-    """The results dict (`unimur.evaluation.api`): the metrics and notes from what the chunks left."""
+    """The results dict (`unimur.evaluation`): the metrics and notes from what the chunks left."""
     metrics = _metrics(totals, rules)
     return {
         "benchmark": "mmdialog",
