@@ -36,6 +36,7 @@ import torch  # noqa: E402
 from torch.utils.data import DataLoader, RandomSampler  # noqa: E402
 
 from unimur.data import feature_cache as fc  # noqa: E402
+from unimur.data.cached_dataset import CachedCaptionDataset  # noqa: E402
 from unimur.data.cc3m import CaptionRow, RowTable  # noqa: E402
 from unimur.utils.images import ImageChecks  # noqa: E402
 
@@ -98,7 +99,7 @@ def child(args) -> None:
         rows, FakeEncoders(args.dims), args.dir, dtype=m["dtype"], verify_checksum=m["verify"],
         fingerprint=shard_fingerprint(args.rows) if m["shard_fingerprint"] else None)
     t_cache = time.perf_counter()
-    ds = fc.CachedCaptionDataset(rows, cache)
+    ds = CachedCaptionDataset(rows, cache)
     loader = DataLoader(ds, batch_size=180, sampler=RandomSampler(ds, generator=torch.Generator().manual_seed(0)),
                         collate_fn=lambda s: {k: torch.stack([x[k] for x in s]) for k in ("image_pooled", "image_embed", "text_embed")})
     it = iter(loader)

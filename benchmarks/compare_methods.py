@@ -82,11 +82,12 @@ def _fingerprint(*parts: Any) -> str:
 
 
 def code_version() -> str:
-    """A hash of the code a result depends on: every .py file of the package and main.py (a
-    commit would miss uncommitted edits). This script's recipe and evaluation settings are keyed
+    """A hash of the code a result depends on: every .py file of the library, of the demo package
+    (its recipe trains every variant) and main.py (a commit would miss uncommitted edits). This script's recipe and evaluation settings are keyed
     by value (FULL/QUICK, EVAL_SETTINGS), so that a change to its reporting reuses the runs."""
     h = hashlib.sha256()
-    for path in sorted([*(REPO / "unimur").rglob("*.py"), REPO / "main.py"]):
+    files = [*(REPO / "unimur").rglob("*.py"), *(REPO / "unimur_demo").rglob("*.py"), REPO / "main.py"]
+    for path in sorted(files):
         h.update(str(path.relative_to(REPO)).encode())
         h.update(path.read_bytes())
     return h.hexdigest()[:16]

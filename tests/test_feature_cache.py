@@ -22,9 +22,8 @@ from unimur.data import feature_cache as fc
 from unimur.model.backbones.registry import load_encoders
 from unimur.data.cc3m import CaptionCollator, CaptionRow, read_caption_tsv
 from unimur.utils.images import ImageChecks, load_rgb_image
+from unimur.data.cached_dataset import CachedCaptionDataset, build_cached_cc3m_dataset
 from unimur.data.feature_cache import (
-    CachedCaptionDataset,
-    build_cached_cc3m_dataset,
     build_feature_cache,
     cache_key,
     cache_paths,

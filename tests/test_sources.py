@@ -23,7 +23,7 @@ from PIL import Image
 
 import main as main_module
 from unimur.model.backbones.registry import load_encoders
-from unimur.data.feature_cache import build_cached_cc3m_dataset
+from unimur.data.cached_dataset import build_cached_cc3m_dataset
 from unimur.data.cc3m_sources import check_split_source, expand_braces, read_split
 from unimur.commands.to_tsv import main as to_tsv_main
 

@@ -25,7 +25,7 @@ Batch layout produced by :class:`CaptionCollator` (B = kept samples, possibly 0)
 * ``captions``: list of B caption strings;
 * ``pixels`` (B, 3, H, W) for :class:`CaptionDataset`, or ``image_pooled`` (B, Dp),
   ``image_embed`` (B, Dv), ``text_embed`` (B, Dt) for the cached dataset
-  (``unimur.data.feature_cache.CachedCaptionDataset``); absent when B == 0;
+  (``unimur.data.cached_dataset.CachedCaptionDataset``); absent when B == 0;
 * ``caption_ids``/``caption_mask``/``ret_ids``/``ret_mask``: from
   :func:`unimur.model.tokenizer.tokenize_captions` ((0, 0) tensors when B == 0);
 * ``skipped``: ``Counter`` of the reasons of the samples dropped from this batch.

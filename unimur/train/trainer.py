@@ -33,7 +33,7 @@ from unimur.train.checkpoint import (BEST, LATEST, load_checkpoint, remove_stale
                          rng_state, save_checkpoint, set_rng_state)
 from unimur.config import Config
 from unimur.data.cc3m import CaptionCollator, CaptionDataset, SkipCounter, is_empty_batch
-from unimur.data.feature_cache import build_cached_cc3m_dataset
+from unimur.data.cached_dataset import build_cached_cc3m_dataset
 from unimur.train.loss import UniMuRLoss, needs_lm
 from unimur.train.metric_log import MetricLogger
 from unimur.model.model import UniMuR
