@@ -32,13 +32,13 @@ from PIL import Image, ImageDraw  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, no install
-from unimur.model.backbones.registry import load_encoders  # noqa: E402
-from unimur.data.cc3m import CaptionCollator, CaptionDataset, read_caption_tsv  # noqa: E402
 from unimur.data.cached_dataset import CachedCaptionDataset  # noqa: E402
+from unimur.data.cc3m import CaptionCollator, CaptionDataset, read_caption_tsv  # noqa: E402
 from unimur.data.feature_cache import (  # noqa: E402
     build_feature_cache,
     load_feature_cache,
 )
+from unimur.model.backbones.registry import load_encoders  # noqa: E402
 from unimur.model.tokenizer import build_tokenizer  # noqa: E402
 
 

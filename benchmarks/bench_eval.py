@@ -18,11 +18,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from unimur.config import ModelConfig  # noqa: E402
-from unimur.evaluation.visdial import evaluate_visdial  # noqa: E402
-from unimur.model.model import UniMuR  # noqa: E402
-from unimur.inference.embedder import ModelEmbedder  # noqa: E402
 from unimur.data.synthetic.generator import generate  # noqa: E402
 from unimur.data.visdial import build_visdial_query, load_visdial  # noqa: E402
+from unimur.evaluation.visdial import evaluate_visdial  # noqa: E402
+from unimur.inference.embedder import ModelEmbedder  # noqa: E402
+from unimur.model.model import UniMuR  # noqa: E402
 
 
 def main(argv=None):

@@ -70,8 +70,8 @@ class RandomEmbedder:
 def child(n: int, negatives: int, dim: int, chunk: int, workdir: Path) -> dict:
     import torch
 
-    from unimur.inference.image_embeddings import ImageEmbeddings
     from unimur.evaluation.mmdialog.protocol import evaluate_mmdialog
+    from unimur.inference.image_embeddings import ImageEmbeddings
 
     n_media = 20_000
     t0 = time.perf_counter()

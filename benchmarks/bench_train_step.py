@@ -33,9 +33,9 @@ import torch.nn.functional as F  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from unimur.config import LossConfig, ModelConfig  # noqa: E402
-from unimur.train.loss import UniMuRLoss  # noqa: E402
 from unimur.model.model import UniMuR  # noqa: E402
 from unimur.model.tokenizer import tokenize_captions  # noqa: E402
+from unimur.train.loss import UniMuRLoss  # noqa: E402
 
 WORDS = "a large red circle on the left of a small blue square above a green star near the top".split()
 

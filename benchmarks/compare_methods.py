@@ -45,14 +45,22 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from unimur_demo import pipeline as demo  # noqa: E402  (sets HF_HUB_OFFLINE before transformers loads)
 import numpy as np  # noqa: E402
 
-from unimur.evaluation.paired_bootstrap import PerQuery, paired_difference  # noqa: E402
 from unimur.evaluation.comparison import (  # noqa: E402
-    EVALUATIONS, JOINT_METRICS, METRICS, VARIANTS, claims_table, fmt_interval, joint, mmdialog_per_query,
-    summarise, visdial_per_query,
+    EVALUATIONS,
+    JOINT_METRICS,
+    METRICS,
+    VARIANTS,
+    claims_table,
+    fmt_interval,
+    joint,
+    mmdialog_per_query,
+    summarise,
+    visdial_per_query,
 )
+from unimur.evaluation.paired_bootstrap import PerQuery, paired_difference  # noqa: E402
+from unimur_demo import pipeline as demo  # noqa: E402  (sets HF_HUB_OFFLINE before transformers loads)
 
 logger = logging.getLogger("compare_methods")
 
@@ -293,9 +301,9 @@ def plot(summary: dict, order: list[str], path: Path) -> None:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    from unimur.model.backbones import offline as offline_backbones
-    from unimur.inference.frozen_pass_memo import FrozenPassMemo
     from unimur.data.synthetic.generator import mmdialog_attribute_labels
+    from unimur.inference.frozen_pass_memo import FrozenPassMemo
+    from unimur.model.backbones import offline as offline_backbones
 
     cfg = QUICK if args.quick else FULL
     out = Path(args.out)

@@ -113,8 +113,8 @@ def main(argv=None) -> None:
     ap.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="further main.py flags")
     args = ap.parse_args(argv)
     import main as main_module
-    from unimur.train import trainer as trainer_module
     from unimur.data.synthetic.generator import generate
+    from unimur.train import trainer as trainer_module
 
     # one folder for all ranks (torchrun: a fixed one under the temp dir, per master port)
     default = (Path(tempfile.gettempdir()) / f"syncs-{os.environ['MASTER_PORT']}" if "MASTER_PORT" in os.environ

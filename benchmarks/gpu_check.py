@@ -23,18 +23,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from bench_train_step import timeit as timed  # noqa: E402  (benchmarks/ is on sys.path)
 
-from unimur.model.backbones.base import DTYPES, freeze  # noqa: E402
-
-from unimur.model.backbones.hub import llm_config  # noqa: E402
-
-from unimur.model.backbones.registry import load_encoders, load_llm  # noqa: E402
 from unimur.config import LossConfig, ModelConfig  # noqa: E402
-from unimur.train.loss import UniMuRLoss  # noqa: E402
+from unimur.model.backbones.base import DTYPES, freeze  # noqa: E402
+from unimur.model.backbones.hub import llm_config  # noqa: E402
+from unimur.model.backbones.registry import load_encoders, load_llm  # noqa: E402
 from unimur.model.model import UniMuR  # noqa: E402
 from unimur.model.tokenizer import build_tokenizer, tokenize_captions  # noqa: E402
-
-from bench_train_step import timeit as timed  # noqa: E402  (benchmarks/ is on sys.path)
+from unimur.train.loss import UniMuRLoss  # noqa: E402
 
 WORDS = "a large red circle on the left of a small blue square above a green star near the top".split()
 

@@ -57,10 +57,10 @@ def tiny_pool(tmp_path_factory, tiny_model_config, tiny_backbones):
 
     from PIL import Image, ImageDraw
 
+    from unimur.inference.embedder import ModelEmbedder
     from unimur.inference.image_embeddings import save_image_embeddings
     from unimur.model.model import UniMuR
     from unimur.model.pretrained import save_pretrained
-    from unimur.inference.embedder import ModelEmbedder
 
     root = tmp_path_factory.mktemp("pool")
     torch.manual_seed(0)

@@ -90,8 +90,8 @@ def test_retrieve_endpoint_matches_the_reference(served, tiny_pool):
 def test_chat_turns_accumulate_and_show_the_reference_answer(served, tiny_pool):
     from test_retrieve import reference
 
-    from unimur.utils.images import load_rgb_image
     from unimur.inference.image_embeddings import load_image_embeddings
+    from unimur.utils.images import load_rgb_image
 
     _, _, url = served
     gradio_client, client = _client(url)

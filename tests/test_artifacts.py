@@ -8,15 +8,15 @@ import pytest
 import torch
 from PIL import Image
 
-from unimur.train.checkpoint import atomic_torch_save
 from unimur.config import Config
-from unimur.inference.image_embeddings import load_image_embeddings, save_fromage_pickle
-from unimur.inference.extract import extract, list_images
-from unimur.model.model import UniMuR
-from unimur.train.export import prune
-from unimur.ranking import topk_chunked
 from unimur.inference.embedder import ModelEmbedder
+from unimur.inference.extract import extract, list_images
+from unimur.inference.image_embeddings import load_image_embeddings, save_fromage_pickle
 from unimur.inference.retriever import Retriever
+from unimur.model.model import UniMuR
+from unimur.ranking import topk_chunked
+from unimur.train.checkpoint import atomic_torch_save
+from unimur.train.export import prune
 
 ROOT = Path(__file__).resolve().parents[1]
 CONTEXTS = [["Q: what colour is the circle? A: red."], ["a blue square", "on the left"]]
@@ -156,7 +156,11 @@ def test_merge_of_parts_equals_one_shot_file(tmp_path, dtype):
     """extract_vis_emb's bounded merge (part by part, tensors never concatenated in memory)
     writes the file save_image_embeddings writes for the whole collection, byte for byte; an
     empty part (every image unreadable) and a tensor missing from one part are handled."""
-    from unimur.inference.image_embeddings import ImageEmbeddings, save_image_embeddings, save_image_embeddings_from_parts
+    from unimur.inference.image_embeddings import (
+        ImageEmbeddings,
+        save_image_embeddings,
+        save_image_embeddings_from_parts,
+    )
 
     g = torch.Generator().manual_seed(0)
     n = 11

@@ -1,8 +1,8 @@
 """FROMAGe's flags as FROMAGe means them; flags that would do nothing are refused."""
 import pytest
+from test_trainer import read_metrics, tiny_args
 
 import main as main_module
-from test_trainer import read_metrics, tiny_args
 from unimur.commands.train import parse_args
 from unimur.train.sampling import GlobalBatchSampler
 

@@ -5,8 +5,8 @@ import os
 import numpy as np
 import pytest
 
-from unimur.evaluation.paired_bootstrap import PerQuery, holm, paired_difference, verdict
 from unimur.evaluation.comparison import claims_table, joint, summarise, visdial_per_query
+from unimur.evaluation.paired_bootstrap import PerQuery, holm, paired_difference, verdict
 
 
 def _pq(num, den=None):

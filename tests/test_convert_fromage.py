@@ -3,8 +3,8 @@ import json
 
 import torch
 
-from unimur.config import ModelConfig
 from unimur.commands.convert_fromage import convert
+from unimur.config import ModelConfig
 from unimur.model.model import UniMuR
 
 

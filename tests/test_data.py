@@ -14,7 +14,6 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from unimur.model.backbones.registry import load_encoders
 from unimur.data.cc3m import (
     CaptionCollator,
     CaptionDataset,
@@ -25,8 +24,9 @@ from unimur.data.cc3m import (
     is_empty_batch,
     read_caption_tsv,
 )
-from unimur.utils.images import ImageChecks, UnusableImage, load_rgb_image
+from unimur.model.backbones.registry import load_encoders
 from unimur.model.tokenizer import build_tokenizer
+from unimur.utils.images import ImageChecks, UnusableImage, load_rgb_image
 
 MAX_LEN = 24
 IMAGE_SIZE = 32  # tiny-clip's input resolution

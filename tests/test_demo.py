@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 
 from unimur_demo import pipeline as demo
-
 from unimur_demo import report as demo_report
 
 REPO = Path(__file__).resolve().parents[1]
@@ -144,12 +143,10 @@ def test_pools_and_the_printed_retrieve_command(tiny_pool, tmp_path, capsys):
     the held-out dialogue, whose reply is left out of the dialogue file but is in the text pool."""
     import shlex
 
-    from unimur_demo import pools as demo_pools
-
     from unimur.commands import retrieve
-
     from unimur.data.synthetic import generator as synthetic
     from unimur.inference.dialogue import read_dialogue
+    from unimur_demo import pools as demo_pools
 
     data = synthetic.generate(tmp_path / "data", 0, n_train=0, n_val=0, n_visdial=2, n_mmdialog=8,
                               n_negatives=4, image_size=16)

@@ -12,12 +12,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from unimur.inference.image_embeddings import ImageEmbeddings, save_image_embeddings
-from unimur.evaluation.report import format_table, save_examples_png, write_results
-from unimur.evaluation.mmdialog.protocol import evaluate_mmdialog
-from unimur.evaluation.visdial import evaluate_visdial
 from unimur.data.mmdialog import media_path
 from unimur.data.visdial import visdial_image_path
+from unimur.evaluation.mmdialog.protocol import evaluate_mmdialog
+from unimur.evaluation.report import format_table, save_examples_png, write_results
+from unimur.evaluation.visdial import evaluate_visdial
+from unimur.inference.image_embeddings import ImageEmbeddings, save_image_embeddings
 
 # ----------------------------------------------------------------------------------------------
 # A stub embedder over named axes
@@ -383,9 +383,9 @@ N_VISDIAL, N_MMDIALOG, N_NEGATIVES = 8, 6, 20
 
 @pytest.fixture(scope="module")
 def e2e(tmp_path_factory, tiny_model_config, tiny_backbones):
+    from unimur.data.synthetic.generator import generate
     from unimur.model.model import UniMuR
     from unimur.model.pretrained import save_pretrained
-    from unimur.data.synthetic.generator import generate
 
     root = tmp_path_factory.mktemp("e2e")
     torch.manual_seed(0)
@@ -527,8 +527,8 @@ def test_eval_scripts_read_their_data_before_loading_the_model(e2e, tmp_path, ca
 
 def test_fromage_model_reports_images_only(e2e, tiny_backbones):
     from unimur.config import ModelConfig
-    from unimur.model.model import UniMuR
     from unimur.inference.embedder import ModelEmbedder
+    from unimur.model.model import UniMuR
 
     _, paths, _ = e2e
     config = ModelConfig(method="fromage", target_proj="linear", llm="tiny-opt", visual_model="tiny-clip")

@@ -19,17 +19,17 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from unimur.data import feature_cache as fc
-from unimur.model.backbones.registry import load_encoders
-from unimur.data.cc3m import CaptionCollator, CaptionRow, read_caption_tsv
-from unimur.utils.images import ImageChecks, load_rgb_image
 from unimur.data.cached_dataset import CachedCaptionDataset, build_cached_cc3m_dataset
+from unimur.data.cc3m import CaptionCollator, CaptionRow, read_caption_tsv
 from unimur.data.feature_cache import (
     build_feature_cache,
     cache_key,
     cache_paths,
     load_or_build_feature_cache,
 )
+from unimur.model.backbones.registry import load_encoders
 from unimur.model.tokenizer import build_tokenizer
+from unimur.utils.images import ImageChecks, load_rgb_image
 
 N_GOOD = 10
 BAD = {"tiny.png": "too_small", "truncated.jpg": "corrupt_image", "fake.jpg": "not_an_image"}

@@ -5,8 +5,8 @@ import json
 
 import pytest
 import torch
+from test_evaluation import KB, KG, KG2, KR, MM_NEG, assert_metrics, mm_stub, write_mmdialog
 
-from test_evaluation import (KB, KG, KG2, KR, MM_NEG, assert_metrics, mm_stub, write_mmdialog)
 from unimur.evaluation.mmdialog.protocol import evaluate_mmdialog
 
 # scores a FROMAGe-like stub gives each (context keyword, candidate text): higher is likelier
@@ -118,9 +118,9 @@ def test_rule_settings_are_checked(tmp_path):
 @pytest.fixture(scope="module")
 def fromage_model_dir(tmp_path_factory, tiny_backbones):
     from unimur.config import ModelConfig
+    from unimur.data.synthetic.generator import generate
     from unimur.model.model import UniMuR
     from unimur.model.pretrained import save_pretrained
-    from unimur.data.synthetic.generator import generate
 
     root = tmp_path_factory.mktemp("fromage_e2e")
     torch.manual_seed(0)
@@ -157,6 +157,7 @@ def test_fromage_model_fills_every_cell_of_the_mmdialog_table(fromage_model_dir,
 
 def test_visdial_ret_token_rule(tmp_path):
     from test_evaluation import vd_stub, write_visdial
+
     from unimur.evaluation.visdial import evaluate_visdial
 
     stub = vd_stub()

@@ -5,9 +5,9 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from test_trainer import read_metrics, tiny_args, trainable
 
 import main as main_module
-from test_trainer import read_metrics, tiny_args, trainable
 from unimur.config import ModelConfig
 from unimur.model.model import UniMuR
 from unimur.model.packing import concat_pairs, concat_this_batch

@@ -10,11 +10,11 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
 from test_gather_grad import free_port
-from unimur.utils import distributed as dist_utils
+
 from unimur.commands.train import parse_args
 from unimur.errors import UniMuRError, run_cli
+from unimur.utils import distributed as dist_utils
 from unimur.utils.precision import GPUInfo, check_precision
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,9 +38,10 @@ def test_the_frozen_llm_follows_the_precision_unless_told(flags, dtype):
 
 
 def test_dry_run_on_v100s(tmp_path, monkeypatch, capsys):
+    from test_trainer import SEED_COMMAND
+
     import main as main_module
     import unimur.utils.precision
-    from test_trainer import SEED_COMMAND
 
     monkeypatch.setattr(unimur.utils.precision, "detected_gpu", lambda index=0: V100)
     argv = [a.replace("exp_log/", f"{tmp_path}/exp_log/") for a in SEED_COMMAND] + ["--dry-run", "--nprocs", "4"]
@@ -101,10 +102,10 @@ def test_a_cache_folder_not_shared_between_ranks_ends_in_one_line(tmp_path):
 
 
 def test_the_encoding_autocast_is_part_of_the_cache_key(tmp_path, caplog):
-    from unimur.model.backbones.registry import load_encoders
+    from unimur.data.cc3m_sources import read_split
     from unimur.data.feature_cache import load_or_build_feature_cache
     from unimur.data.synthetic.generator import generate
-    from unimur.data.cc3m_sources import read_split
+    from unimur.model.backbones.registry import load_encoders
 
     paths = generate(tmp_path / "syn", seed=0, n_train=6, n_val=2, n_visdial=1, n_mmdialog=1, image_size=32,
                      n_negatives=2)

@@ -8,10 +8,10 @@ is a small random-init OPT written with `save_pretrained`, loaded the way the tr
 import os
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -3,8 +3,8 @@ import math
 import torch
 
 from unimur.config import LossConfig
-from unimur.train.loss import UniMuRLoss, symmetric_infonce
 from unimur.model.model import UniMuROutput
+from unimur.train.loss import UniMuRLoss, symmetric_infonce
 
 
 def reference_infonce(a, b, s):

@@ -2,11 +2,10 @@
 candidate texts embedded per chunk with a bounded cache."""
 import pytest
 import torch
-
 from test_evaluation import MM_NEG, StubEmbedder, mm_stub, write_mmdialog
 from test_fromage_eval import FromageStub, Labels
-from unimur.evaluation.mmdialog.protocol import evaluate_mmdialog
-from unimur.evaluation.mmdialog.protocol import _TextEmbeddingCache
+
+from unimur.evaluation.mmdialog.protocol import _TextEmbeddingCache, evaluate_mmdialog
 
 
 @pytest.mark.parametrize("chunk", [1, 2])
@@ -78,8 +77,8 @@ def _strict():
 def test_streamed_evaluation_equals_one_chunk(tmp_path, monkeypatch, cache_size):
     """Dialogues read as the chunks need them, images embedded per chunk (with a cache so small
     it re-embeds, or a large one): the results of one chunk over the materialised list."""
-    from unimur.evaluation.mmdialog import chunks as mmdialog_chunks
     from unimur.data.mmdialog import load_mmdialog
+    from unimur.evaluation.mmdialog import chunks as mmdialog_chunks
 
     root = write_mmdialog(tmp_path / "MMDialog", _longer_set(), container="jsonl")
     kw = dict(n_negatives=MM_NEG, attribute_labels=Labels())

@@ -3,9 +3,9 @@ import torch
 import torch.nn.functional as F
 
 from unimur.config import LossConfig, ModelConfig
-from unimur.train.loss import UniMuRLoss
 from unimur.model.model import UniMuR, last_position, left_align
 from unimur.model.tokenizer import tokenize_captions
+from unimur.train.loss import UniMuRLoss
 
 CAPTIONS = ["a red circle", "a large blue square on the left of a green star", "two yellow stars"]
 

@@ -21,11 +21,11 @@ import torch.nn.functional as F  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
-from unimur.model.backbones import offline as ob  # noqa: E402
 from unimur.config import LossConfig, ModelConfig  # noqa: E402
-from unimur.train.loss import UniMuRLoss  # noqa: E402
+from unimur.model.backbones import offline as ob  # noqa: E402
 from unimur.model.model import UniMuR  # noqa: E402
 from unimur.model.tokenizer import RET_TOKEN, build_tokenizer, tokenize_captions  # noqa: E402
+from unimur.train.loss import UniMuRLoss  # noqa: E402
 
 CONFIG = ModelConfig(llm="smollm2-135m", visual_model="efficientnet-lite0", text_model="all-minilm-l6-v2",
                      target_proj="linear")

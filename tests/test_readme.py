@@ -24,8 +24,8 @@ def readme_block(section: str) -> str:
 def test_use_a_trained_model_block_runs(tiny_pool, tmp_path, monkeypatch):
     from test_retrieve import reference
 
-    from unimur.utils.images import load_rgb_image
     from unimur.inference.image_embeddings import load_image_embeddings
+    from unimur.utils.images import load_rgb_image
 
     code = readme_block("Use a trained model")
     # the files the block names, in a fresh working folder: the tiny model, its pool, a photo

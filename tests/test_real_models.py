@@ -9,16 +9,15 @@ import pytest
 import torch
 from torch import nn
 
-from unimur.model.backbones.hub import llm_config, resolve_open_clip
-
-from unimur.model.backbones.registry import load_encoders
-from unimur.config import Config, ModelConfig
 from unimur.commands.convert_fromage import convert
-from unimur.inference.image_embeddings import load_image_embeddings
+from unimur.config import Config, ModelConfig
 from unimur.data.feature_cache import cache_key
+from unimur.inference.image_embeddings import load_image_embeddings
+from unimur.model.backbones.hub import llm_config, resolve_open_clip
+from unimur.model.backbones.registry import load_encoders
 from unimur.model.model import UniMuR
-from unimur.train.export import prune
 from unimur.model.tokenizer import _gpt2_bpe_dir
+from unimur.train.export import prune
 
 
 def activations(module: nn.Module) -> set[str]:
@@ -158,8 +157,9 @@ def test_squash_resize_is_fromages_whole_image_resize(tiny_model, tmp_path):
 
 
 def test_dry_run_plans_the_seed_command_without_weights(tmp_path, capsys):
-    import main as main_module
     from test_trainer import SEED_COMMAND
+
+    import main as main_module
 
     argv = [a.replace("exp_log/", f"{tmp_path}/exp_log/") for a in SEED_COMMAND]
     plan = main_module.main([*argv, "--dry-run", "--nprocs", "4", "--gpu-memory", "32"])

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from unimur.commands import retrieve
-from unimur.utils.images import load_rgb_image
 from unimur.inference.image_embeddings import load_image_embeddings, save_fromage_pickle
+from unimur.utils.images import load_rgb_image
 
 REPO = Path(__file__).resolve().parents[1]
 

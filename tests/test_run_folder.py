@@ -13,11 +13,10 @@ import pytest
 import torch
 
 import main as main_module
+from unimur.commands.prune import main as prune_main
+from unimur.errors import BackboneLoadError, CheckpointWriteError, RunFolderError, explain_backbone_errors, run_cli
 from unimur.train import checkpoint as ckpt_module
 from unimur.train.checkpoint import CheckpointFormatError, load_checkpoint, save_checkpoint
-from unimur.errors import BackboneLoadError, CheckpointWriteError, RunFolderError
-from unimur.errors import explain_backbone_errors, run_cli
-from unimur.commands.prune import main as prune_main
 from unimur.train.run_folder import RunLock, check_not_locked, git_info, param_count_table
 
 ROOT = Path(__file__).resolve().parents[1]

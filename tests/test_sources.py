@@ -22,10 +22,10 @@ import torch
 from PIL import Image
 
 import main as main_module
-from unimur.model.backbones.registry import load_encoders
+from unimur.commands.to_tsv import main as to_tsv_main
 from unimur.data.cached_dataset import build_cached_cc3m_dataset
 from unimur.data.cc3m_sources import check_split_source, expand_braces, read_split
-from unimur.commands.to_tsv import main as to_tsv_main
+from unimur.model.backbones.registry import load_encoders
 
 # (caption, image kind, img2dataset status); kinds: good, truncated, fake, tiny, none (no file)
 TRAIN = [("a red \"box\"", "good", "success"), ("two\tcats", "good", "success"), ("failed row", "none", "failed_to_download"),

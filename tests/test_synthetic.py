@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from unimur.data.synthetic import generator as synthetic
 from unimur.data.mmdialog import load_mmdialog, media_path
+from unimur.data.synthetic import generator as synthetic
 from unimur.data.visdial import build_visdial_query, load_visdial, load_visdial_dense
 
 SMALL = dict(n_train=50, n_val=20, n_visdial=12, n_mmdialog=12, image_size=32, n_negatives=20)

@@ -56,9 +56,9 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load lazily
     from unimur.config import Config, ModelConfig  # noqa: F401
     from unimur.inference.dialogue import read_dialogue  # noqa: F401
+    from unimur.inference.embedder import ModelEmbedder  # noqa: F401
     from unimur.inference.image_embeddings import ImageEmbeddings, load_image_embeddings, save_image_embeddings  # noqa: F401
     from unimur.inference.pools import read_texts  # noqa: F401
+    from unimur.inference.retriever import RetrievalResult, Retriever  # noqa: F401
     from unimur.model.model import UniMuR, load_pretrained  # noqa: F401
     from unimur.model.pretrained import read_model_config, save_pretrained  # noqa: F401
-    from unimur.inference.embedder import ModelEmbedder  # noqa: F401
-    from unimur.inference.retriever import RetrievalResult, Retriever  # noqa: F401

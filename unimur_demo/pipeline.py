@@ -345,12 +345,11 @@ def evaluate(model, model_dir: Path, data: dict[str, Path], meta: dict[str, Any]
              tag: str, batch_size: int, png: bool) -> dict[str, Any]:
     """VisDial and MMDialog results of one model: JSON files (plus PNGs) and held-out subsets."""
     from unimur.commands.eval_common import model_info
-
-    from unimur_demo.report import N_KEPT_EXAMPLES, SUBSETS_NOTE, labelled_examples, mmdialog_subsets, visdial_subsets
-    from unimur.evaluation.report import format_table, save_examples_png, write_results
-    from unimur.evaluation.mmdialog.protocol import evaluate_mmdialog
-    from unimur.evaluation.visdial import evaluate_visdial
     from unimur.data.synthetic.generator import mmdialog_attribute_labels
+    from unimur.evaluation.mmdialog.protocol import evaluate_mmdialog
+    from unimur.evaluation.report import format_table, save_examples_png, write_results
+    from unimur.evaluation.visdial import evaluate_visdial
+    from unimur_demo.report import N_KEPT_EXAMPLES, SUBSETS_NOTE, labelled_examples, mmdialog_subsets, visdial_subsets
 
     embedder = _embedder(model, batch_size)
     everything = 10**9  # keep every query's example: its rank is what the held-out split needs

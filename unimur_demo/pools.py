@@ -18,8 +18,8 @@ import shlex
 from pathlib import Path
 from typing import Any
 
-from unimur.inference.dialogue import dump_dialogue
 from unimur.data.mmdialog import parse_turn
+from unimur.inference.dialogue import dump_dialogue
 
 logger = logging.getLogger(__name__)
 

@@ -17,7 +17,6 @@ as image-pool ids) with the same JSON as ``python -m unimur.commands.retrieve --
 """
 from __future__ import annotations
 
-
 import argparse
 import contextlib
 import logging

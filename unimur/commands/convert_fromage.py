@@ -16,7 +16,6 @@ open_clip's pre-projection pooled feature of the same OpenAI weights.
 """
 from __future__ import annotations
 
-
 import argparse
 import json
 import logging
@@ -30,8 +29,8 @@ import torch
 from unimur.config import ModelConfig
 from unimur.errors import run_cli
 from unimur.model.pretrained import check_model_output, save_pretrained
-from unimur.train.export import trainable_weights
 from unimur.model.tokenizer import build_tokenizer
+from unimur.train.export import trainable_weights
 
 logger = logging.getLogger("unimur.commands.convert_fromage")
 

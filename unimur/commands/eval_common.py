@@ -10,10 +10,10 @@ from typing import Any
 
 import torch
 
-from unimur.inference.image_embeddings import ImageEmbeddings
 from unimur.errors import UniMuRError, explain_backbone_errors
 from unimur.evaluation.report import format_table, save_examples_png, write_results
 from unimur.inference.embedder import Embedder
+from unimur.inference.image_embeddings import ImageEmbeddings
 
 logger = logging.getLogger("unimur.commands.eval_common")
 # ==============================================================================================
@@ -71,9 +71,9 @@ def check_model_dir(model_dir: str | Path) -> Path:
 def load_embedder(model_dir: str | Path, device: str | None = None, batch_size: int = 64,
                   num_workers: int = 0, progress: bool = True, image_resize: str = "crop"):
     """A :class:`~unimur.inference.embedder.ModelEmbedder` over the pruned model in ``model_dir``."""
+    from unimur.inference.embedder import ModelEmbedder
     from unimur.model.model import UniMuR
     from unimur.model.pretrained import read_model_config
-    from unimur.inference.embedder import ModelEmbedder
 
     model_dir = check_model_dir(model_dir)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -22,16 +22,23 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from unimur.inference.image_embeddings import check_widths, finite_rows, load_image_embeddings, model_widths
-from unimur.errors import run_cli
-from unimur.commands.eval_common import (add_common_args, check_embeddings_model, check_model_dir, load_embedder,
-                          model_info, report, require_path)
-from unimur.evaluation.mmdialog.protocol import MMDIALOG_NEGATIVES, evaluate_mmdialog
+from unimur.commands.eval_common import (
+    add_common_args,
+    check_embeddings_model,
+    check_model_dir,
+    load_embedder,
+    model_info,
+    report,
+    require_path,
+)
 from unimur.data.mmdialog import TARGETS, MMDialogStream, conversations_path
+from unimur.data.synthetic.generator import mmdialog_attribute_labels
+from unimur.errors import run_cli
+from unimur.evaluation.mmdialog.protocol import MMDIALOG_NEGATIVES, evaluate_mmdialog
+from unimur.inference.image_embeddings import check_widths, finite_rows, load_image_embeddings, model_widths
 from unimur.inference.prompting import DEFAULT_PROMPT_STYLE, PROMPT_STYLES
 from unimur.inference.rules import IMAGE_RULES, RET_MAX_TOKENS, TEXT_RANKINGS, response_rules
 from unimur.model.pretrained import read_model_config
-from unimur.data.synthetic.generator import mmdialog_attribute_labels
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

@@ -14,11 +14,17 @@ import logging
 import sys
 from typing import Sequence
 
-from unimur.errors import run_cli
-from unimur.commands.eval_common import (add_common_args, check_model_dir, load_embedder, model_info, report,
-                          require_path)
-from unimur.evaluation.visdial import evaluate_visdial
+from unimur.commands.eval_common import (
+    add_common_args,
+    check_model_dir,
+    load_embedder,
+    model_info,
+    report,
+    require_path,
+)
 from unimur.data.visdial import CONTEXTS, load_visdial, visdial_paths
+from unimur.errors import run_cli
+from unimur.evaluation.visdial import evaluate_visdial
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

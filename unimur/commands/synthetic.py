@@ -14,6 +14,7 @@ from typing import Sequence
 
 from unimur.data.synthetic.generator import DEFAULT_SIZES, generate
 
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m unimur.commands.synthetic",
                                 description="Generate a synthetic captioned-shape dataset in the "

@@ -29,8 +29,8 @@ from collections import Counter
 from pathlib import Path
 
 from unimur.data.cc3m import TSV_HEADER, format_counts
-from unimur.utils.images import image_bytes_or_path
 from unimur.data.cc3m_sources import SPLIT_DIRS, split_entries
+from unimur.utils.images import image_bytes_or_path
 
 logger = logging.getLogger(__name__)
 

@@ -44,9 +44,9 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from unimur.utils.images import ImageChecks, UnusableImage, load_rgb_image
-from unimur.utils.distributed import get_world_size, is_initialized, is_main_process
 from unimur.model.tokenizer import tokenize_captions
+from unimur.utils.distributed import get_world_size, is_initialized, is_main_process
+from unimur.utils.images import ImageChecks, UnusableImage, load_rgb_image
 
 logger = logging.getLogger(__name__)
 

@@ -59,7 +59,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from unimur.data.cc3m import CaptionRow, RowTable, format_counts, check_caption_tsv, read_caption_tsv
+from unimur.data.cc3m import CaptionRow, RowTable, check_caption_tsv, format_counts, read_caption_tsv
 from unimur.utils.distributed import is_main_process
 
 logger = logging.getLogger(__name__)

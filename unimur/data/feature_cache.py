@@ -63,12 +63,11 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from unimur.data.cc3m import CaptionDataset, CaptionRow
-from unimur.utils.images import IMAGE_LOADER_VERSION, IMAGE_SKIP_REASONS, ImageChecks
-from unimur.utils.safetensors_io import read_safetensors, write_safetensors, file_stamp  # noqa: F401 (tests use them via fc)
-from unimur.utils.safetensors_io import CacheMiss
-from unimur.utils.files import file_sha256
-from unimur.utils.distributed import all_ranks, barrier, broadcast_object, get_rank, get_world_size, is_main_process
 from unimur.errors import UniMuRError
+from unimur.utils.distributed import all_ranks, barrier, broadcast_object, get_rank, get_world_size, is_main_process
+from unimur.utils.files import file_sha256
+from unimur.utils.images import IMAGE_LOADER_VERSION, IMAGE_SKIP_REASONS, ImageChecks
+from unimur.utils.safetensors_io import CacheMiss, file_stamp, read_safetensors, write_safetensors  # noqa: F401 (tests use them via fc)
 
 logger = logging.getLogger(__name__)
 

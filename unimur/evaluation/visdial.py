@@ -11,12 +11,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from unimur.evaluation.common import (EXAMPLE_TOP_K, N_EXAMPLES, check_dims, ranked_top_k, split_counts, timing_of)
-from unimur.inference.rules import RET_MAX_TOKENS
-from unimur.ranking import ranks_from_sim, recall_metrics
-from unimur.inference.embedder import Embedder
 from unimur.data.visdial import CONTEXTS as VISDIAL_CONTEXTS
 from unimur.data.visdial import build_visdial_query, load_visdial
+from unimur.evaluation.common import EXAMPLE_TOP_K, N_EXAMPLES, check_dims, ranked_top_k, split_counts, timing_of
+from unimur.inference.embedder import Embedder
+from unimur.inference.rules import RET_MAX_TOKENS
+from unimur.ranking import ranks_from_sim, recall_metrics
 
 logger = logging.getLogger(__name__)
 

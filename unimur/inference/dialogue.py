@@ -20,9 +20,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Sequence
 
-from unimur.utils.images import UnusableImage, load_rgb_image
-from unimur.inference.image_embeddings import ImageEmbeddings
 from unimur.data.mmdialog import Segment, parse_turn
+from unimur.inference.image_embeddings import ImageEmbeddings
+from unimur.utils.images import UnusableImage, load_rgb_image
 
 logger = logging.getLogger(__name__)
 

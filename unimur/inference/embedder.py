@@ -20,10 +20,10 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from unimur.model.backbones.hub import square_input_size
-from unimur.utils.images import UnusableImage, load_rgb_image
 from unimur.inference.image_embeddings import ImageEmbeddings
+from unimur.model.backbones.hub import square_input_size
 from unimur.model.model import Piece, UniMuR
+from unimur.utils.images import UnusableImage, load_rgb_image
 
 logger = logging.getLogger(__name__)
 

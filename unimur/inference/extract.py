@@ -14,7 +14,6 @@ counted in the log.
 """
 from __future__ import annotations
 
-
 import hashlib
 import json
 import logging
@@ -24,10 +23,16 @@ from pathlib import Path
 
 import torch
 
-from unimur.utils.images import IMAGE_LOADER_VERSION
-from unimur.inference.image_embeddings import (ImageEmbeddings, load_image_embeddings, part_ids, save_fromage_pickle,
-                               save_image_embeddings, save_image_embeddings_from_parts)
+from unimur.inference.image_embeddings import (
+    ImageEmbeddings,
+    load_image_embeddings,
+    part_ids,
+    save_fromage_pickle,
+    save_image_embeddings,
+    save_image_embeddings_from_parts,
+)
 from unimur.model.pretrained import artifact_owning
+from unimur.utils.images import IMAGE_LOADER_VERSION
 
 logger = logging.getLogger("unimur.inference.extract")
 
@@ -71,8 +76,8 @@ def extract(model_dir: str | Path, ids: list[str], paths: list[Path], output: st
             ) -> Path | None:
     """Embed `paths` into `output`; resumable by parts. `max_parts` stops early (tests).
     `image_root`: the folder the ids are relative to, recorded in the file (to show the images)."""
-    from unimur.model.model import UniMuR
     from unimur.inference.embedder import ModelEmbedder
+    from unimur.model.model import UniMuR
 
     model_dir, output = Path(model_dir), Path(output)
     check_output(output)

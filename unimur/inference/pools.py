@@ -17,8 +17,14 @@ import logging
 import os
 from pathlib import Path
 
+from unimur.inference.image_embeddings import (
+    ImageEmbeddings,
+    check_widths,
+    finite_rows,
+    load_image_embeddings,
+    save_image_embeddings,
+)
 from unimur.utils.images import IMAGE_LOADER_VERSION
-from unimur.inference.image_embeddings import ImageEmbeddings, check_widths, finite_rows, load_image_embeddings, save_image_embeddings
 
 logger = logging.getLogger(__name__)
 

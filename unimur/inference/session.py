@@ -18,11 +18,10 @@ from typing import Any, Sequence
 
 import torch
 
-from unimur.inference.image_embeddings import model_widths
-from unimur.inference.pools import (find_model_embeddings, image_dir_pool, image_file, load_image_pool,
-                                    read_texts)
-from unimur.inference.prompting import DEFAULT_PROMPT_STYLE, candidate_text
 from unimur.inference.embedder import ModelEmbedder
+from unimur.inference.image_embeddings import model_widths
+from unimur.inference.pools import find_model_embeddings, image_dir_pool, image_file, load_image_pool, read_texts
+from unimur.inference.prompting import DEFAULT_PROMPT_STYLE, candidate_text
 from unimur.inference.retriever import Retriever
 from unimur.inference.rules import RET_MAX_TOKENS, response_rules
 from unimur.model.model import UniMuR

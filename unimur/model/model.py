@@ -22,14 +22,13 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from unimur.model.backbones.base import FrozenEncoders, ImageFeatures, freeze
-
-from unimur.model.backbones.registry import load_encoders, load_llm
 from unimur.config import ModelConfig
-from unimur.utils.images import prepare_image
+from unimur.model.backbones.base import FrozenEncoders, ImageFeatures, freeze
+from unimur.model.backbones.registry import load_encoders, load_llm
 from unimur.model.packing import concat_pairs
 from unimur.model.pretrained import read_pretrained
 from unimur.model.tokenizer import build_tokenizer
+from unimur.utils.images import prepare_image
 
 logger = logging.getLogger(__name__)
 

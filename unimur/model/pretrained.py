@@ -24,9 +24,9 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from unimur.utils.files import file_sha256
 from unimur.config import ModelConfig, from_dict
 from unimur.model.tokenizer import build_tokenizer
+from unimur.utils.files import file_sha256
 
 logger = logging.getLogger(__name__)
 

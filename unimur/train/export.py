@@ -10,18 +10,17 @@ tokenizer/ and manifest.json (see `unimur/model/pretrained.py`), a few MB at pap
 """
 from __future__ import annotations
 
-
 import logging
 from pathlib import Path
 
 import torch
 
-from unimur.train.checkpoint import load_checkpoint
 from unimur.config import Config, ModelConfig
 from unimur.errors import explain_backbone_errors
 from unimur.model.model import UniMuR
 from unimur.model.pretrained import check_model_output, save_pretrained
 from unimur.model.tokenizer import build_tokenizer
+from unimur.train.checkpoint import load_checkpoint
 
 logger = logging.getLogger("unimur.train.export")
 

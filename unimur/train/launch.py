@@ -21,13 +21,13 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from unimur.utils import distributed as dist_utils
-from unimur.train.checkpoint import LATEST, load_checkpoint
-from unimur.utils.precision import check_precision, detected_gpu, enable_tf32
 from unimur.config import Config
 from unimur.data.cc3m_sources import check_split_source
 from unimur.errors import EXPECTED, RunFolderError, UniMuRError, explain_backbone_errors, message, show_tracebacks
+from unimur.train.checkpoint import LATEST, load_checkpoint
 from unimur.train.run_folder import RunLock, check_new_run, check_not_locked, clear_previous_run
+from unimur.utils import distributed as dist_utils
+from unimur.utils.precision import check_precision, detected_gpu, enable_tf32
 
 logger = logging.getLogger(__name__)
 

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from unimur.config import LossConfig
-from unimur.utils.distributed import all_reduce_sum, gather_features, get_world_size
 from unimur.model.model import UniMuROutput
+from unimur.utils.distributed import all_reduce_sum, gather_features, get_world_size
 
 
 def symmetric_infonce(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-
 from unimur.config import Config
 from unimur.model.model import UniMuR
 

@@ -26,22 +26,30 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from unimur.utils import distributed as dist_utils
+from unimur.config import Config
+from unimur.data.cached_dataset import build_cached_cc3m_dataset
+from unimur.data.cc3m import CaptionCollator, CaptionDataset, SkipCounter, is_empty_batch
+from unimur.data.cc3m_sources import read_split
 from unimur.model.backbones.base import ImageFeatures
 from unimur.model.backbones.hub import compile_llm, square_input_size
-from unimur.train.checkpoint import (BEST, LATEST, load_checkpoint, remove_stale_temp_files, resolve_resume,
-                         rng_state, save_checkpoint, set_rng_state)
-from unimur.config import Config
-from unimur.data.cc3m import CaptionCollator, CaptionDataset, SkipCounter, is_empty_batch
-from unimur.data.cached_dataset import build_cached_cc3m_dataset
-from unimur.train.loss import UniMuRLoss, needs_lm
-from unimur.train.metric_log import MetricLogger
 from unimur.model.model import UniMuR
 from unimur.model.packing import CAPTIONING, concat_this_batch
 from unimur.ranking import ranks_of_positives, recall_metrics
+from unimur.train.checkpoint import (
+    BEST,
+    LATEST,
+    load_checkpoint,
+    remove_stale_temp_files,
+    resolve_resume,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from unimur.train.loss import UniMuRLoss, needs_lm
+from unimur.train.metric_log import MetricLogger
 from unimur.train.run_folder import write_record
 from unimur.train.sampling import GlobalBatchSampler
-from unimur.data.cc3m_sources import read_split
+from unimur.utils import distributed as dist_utils
 
 logger = logging.getLogger(__name__)
 

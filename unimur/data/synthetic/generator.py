@@ -46,10 +46,28 @@ from typing import Any
 import numpy as np
 
 from unimur.data.synthetic.scenes import (  # noqa: F401  (re-exported: the sets' vocabulary and scenes)
-    BACKGROUNDS, COLOURS, DIALOGUE_POSITION, POSITIONS, SHAPES, SIZES, Pair, Scene, with_article,
-    DISTRACTOR_ANSWERS, eval_scene, pick_one, stream_rng, save_jpeg, all_pairs, caption_for,
-    choose_heldout_pairs, described_caption, dialogue_caption_for, draw_scene, sample_scene,
+    BACKGROUNDS,
+    COLOURS,
+    DIALOGUE_POSITION,
+    DISTRACTOR_ANSWERS,
+    POSITIONS,
+    SHAPES,
+    SIZES,
+    Pair,
+    Scene,
+    all_pairs,
+    caption_for,
+    choose_heldout_pairs,
+    described_caption,
+    dialogue_caption_for,
+    draw_scene,
+    eval_scene,
+    pick_one,
+    sample_scene,
+    save_jpeg,
+    stream_rng,
     visdial_rounds,
+    with_article,
 )
 
 logger = logging.getLogger(__name__)

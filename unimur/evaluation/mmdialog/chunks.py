@@ -14,10 +14,10 @@ from typing import Sequence
 
 import torch
 
-from unimur.inference.image_embeddings import TENSORS, ImageEmbeddings
-from unimur.evaluation.common import add_count
 from unimur.data.mmdialog import MMDialogQuery, media_path
+from unimur.evaluation.common import add_count
 from unimur.inference.embedder import Embedder, NoUsableImages
+from unimur.inference.image_embeddings import TENSORS, ImageEmbeddings
 
 logger = logging.getLogger(__name__)
 

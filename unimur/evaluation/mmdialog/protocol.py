@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import Counter
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -13,17 +12,32 @@ from typing import Any, Iterable, Sequence
 import torch
 from torch import Tensor
 
-from unimur.inference.image_embeddings import ImageEmbeddings
-from unimur.evaluation.common import (EXAMPLE_TOP_K, N_EXAMPLES, check_dims, ranked_top_k, split_counts, timing_of,
-                        is_valid_score, supports_text_retrieval)
 from unimur.data.mmdialog import MMDialogQuery, MMDialogStream, media_path
+from unimur.evaluation.common import (
+    EXAMPLE_TOP_K,
+    N_EXAMPLES,
+    check_dims,
+    is_valid_score,
+    ranked_top_k,
+    split_counts,
+    supports_text_retrieval,
+    timing_of,
+)
 from unimur.evaluation.mmdialog.chunks import POOL_REASONS, ChunkedQueries, MediaTable
 from unimur.evaluation.mmdialog.pool_scoring import Pools, Scored
-from unimur.inference.prompting import DEFAULT_PROMPT_STYLE, PromptBuilder, candidate_text
-from unimur.inference.rules import (IMAGE_RULES, RET_MAX_TOKENS, TEXT_RANKINGS, describe_image_rule,  # noqa: F401
-                             image_output_quality, image_outputs, response_rules)
-from unimur.ranking import recall_metrics
 from unimur.inference.embedder import Embedder
+from unimur.inference.image_embeddings import ImageEmbeddings
+from unimur.inference.prompting import DEFAULT_PROMPT_STYLE, PromptBuilder, candidate_text
+from unimur.inference.rules import (  # noqa: F401
+    IMAGE_RULES,
+    RET_MAX_TOKENS,
+    TEXT_RANKINGS,
+    describe_image_rule,
+    image_output_quality,
+    image_outputs,
+    response_rules,
+)
+from unimur.ranking import recall_metrics
 
 logger = logging.getLogger(__name__)
 
