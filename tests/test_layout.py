@@ -184,6 +184,20 @@ def test_no_sys_path_edits_in_the_library():
     assert not bad, "sys.path used inside the library:\n" + "\n".join(bad)
 
 
+def test_flags_are_parsed_only_in_commands():
+    """All flag parsing lives in unimur/commands/ (one module per command)."""
+    bad = []
+    for module, path in sources(LIBRARY).items():
+        if layer(module) in ("commands", "seed_wrapper"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module] if isinstance(node, ast.ImportFrom) else []
+            if "argparse" in names:
+                bad.append(f"{path.relative_to(REPO)}:{node.lineno}")
+    assert not bad, "argparse outside unimur/commands/:\n" + "\n".join(bad)
+
+
 def test_functions_are_short():
     long = []
     for module, path in sources(LIBRARY, DEMO).items():
