@@ -5,6 +5,7 @@ functions. Read from the source's AST, lazy imports (inside functions) included;
 from __future__ import annotations
 
 import ast
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,6 +54,12 @@ def sources(*packages: str) -> dict[str, Path]:
     return {module_name(p): p for pkg in packages for p in sorted((REPO / pkg).rglob("*.py"))}
 
 
+@functools.lru_cache(maxsize=None)
+def tree(path: Path) -> ast.Module:
+    """Each file parsed once for all the checks."""
+    return ast.parse(path.read_text(), str(path))
+
+
 @dataclass(frozen=True)
 class Import:
     source: str        # the importing module
@@ -69,7 +76,7 @@ def imports_of(module: str, path: Path, known: set[str]) -> list[Import]:
     module: ``from unimur.model import pretrained`` is the module ``unimur.model.pretrained``."""
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
     found = []
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    for node in ast.walk(tree(path)):
         if isinstance(node, ast.Import):
             found += [Import(module, a.name, (), node.lineno) for a in node.names]
         elif isinstance(node, ast.ImportFrom):
@@ -177,7 +184,7 @@ def test_no_sys_path_edits_in_the_library():
     for module, path in sources(LIBRARY).items():
         if module in SEED_WRAPPERS:
             continue
-        for node in ast.walk(ast.parse(path.read_text())):
+        for node in ast.walk(tree(path)):
             if isinstance(node, ast.Attribute) and node.attr == "path" and \
                     isinstance(node.value, ast.Name) and node.value.id == "sys":
                 bad.append(f"{path.relative_to(REPO)}:{node.lineno}")
@@ -190,7 +197,7 @@ def test_flags_are_parsed_only_in_commands():
     for module, path in sources(LIBRARY).items():
         if layer(module) in ("commands", "seed_wrapper"):
             continue
-        for node in ast.walk(ast.parse(path.read_text())):
+        for node in ast.walk(tree(path)):
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
                 [node.module] if isinstance(node, ast.ImportFrom) else []
             if "argparse" in names:
@@ -198,10 +205,19 @@ def test_flags_are_parsed_only_in_commands():
     assert not bad, "argparse outside unimur/commands/:\n" + "\n".join(bad)
 
 
+def test_only_commands_print():
+    """A command's output goes to stdout (print); library code logs (logging) instead."""
+    bad = [f"{path.relative_to(REPO)}:{node.lineno}"
+           for module, path in sources(LIBRARY).items() if layer(module) not in ("commands", "seed_wrapper")
+           for node in ast.walk(tree(path))
+           if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "print"]
+    assert not bad, "print() in library code (use logging):\n" + "\n".join(bad)
+
+
 def test_functions_are_short():
     long = []
     for module, path in sources(LIBRARY, DEMO).items():
-        for node in ast.walk(ast.parse(path.read_text())):
+        for node in ast.walk(tree(path)):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 n = node.end_lineno - node.lineno + 1
                 if n > MAX_FUNCTION_LINES:

@@ -42,15 +42,19 @@ def show_tracebacks() -> bool:
     return bool(os.environ.get("UNIMUR_TRACEBACK"))
 
 
-def run_cli(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None) -> int:
+def run_cli(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None, *,
+            one_line: bool = False) -> int:
     """Run a command's ``main``; expected failures become one ``error: ...`` line on stderr and
-    exit status 1 instead of a traceback. ``UNIMUR_TRACEBACK=1`` re-raises."""
+    exit status 1 instead of a traceback. ``UNIMUR_TRACEBACK=1`` re-raises. ``one_line``: fold a
+    message's line breaks and runs of spaces (the retrieve command and the app, whose output a
+    script may parse line by line)."""
     try:
         main(argv)
     except EXPECTED as e:
         if show_tracebacks():
             raise
-        sys.stderr.write(f"error: {message(e)}\n")
+        text = message(e)
+        sys.stderr.write(f"error: {' '.join(text.split()) if one_line else text}\n")
         return 1
     return 0
 

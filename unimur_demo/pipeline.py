@@ -324,9 +324,9 @@ def save_untrained(run_dir: Path, output: Path):
 
 
 def _device() -> str:
-    import torch
+    from unimur.utils.distributed import default_device
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return default_device()
 
 
 def _embedder(model, batch_size: int, memo=None):

@@ -8,14 +8,13 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from unimur.errors import UniMuRError, explain_backbone_errors
 from unimur.evaluation.report import format_table, save_examples_png, write_results
 from unimur.inference.embedder import Embedder
 from unimur.inference.image_embeddings import ImageEmbeddings
+from unimur.utils.distributed import default_device
 
-logger = logging.getLogger("unimur.commands.eval_common")
+logger = logging.getLogger(__name__)
 # ==============================================================================================
 # Command-line support: evals/eval_visdial.py and evals/eval_mmdialog.py are thin wrappers
 # ==============================================================================================
@@ -76,7 +75,7 @@ def load_embedder(model_dir: str | Path, device: str | None = None, batch_size: 
     from unimur.model.pretrained import read_model_config
 
     model_dir = check_model_dir(model_dir)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = device or default_device()
     config = read_model_config(model_dir)
     with explain_backbone_errors(config.llm, config.visual_model, BACKBONE_FIXES):
         model = UniMuR.from_pretrained(model_dir, device=device)

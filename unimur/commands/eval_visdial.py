@@ -25,6 +25,7 @@ from unimur.commands.eval_common import (
 from unimur.data.visdial import CONTEXTS, load_visdial, visdial_paths
 from unimur.errors import run_cli
 from unimur.evaluation.visdial import evaluate_visdial
+from unimur.inference.rules import RET_MAX_TOKENS
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -42,7 +43,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--image-rule", choices=("always", "ret-token"), default="always",
                    help="ret-token: count a dialogue's image as output only when the model generates "
                         "[RET] after it (FROMAGe), adding the image retrieval rate; default: %(default)s")
-    p.add_argument("--ret-max-tokens", type=int, default=32, metavar="N",
+    p.add_argument("--ret-max-tokens", type=int, default=RET_MAX_TOKENS, metavar="N",
                    help="ret-token: greedy tokens generated after the dialogue (cut at the first "
                         "newline) among which a [RET] outputs an image; FROMAGe's: %(default)s")
     p.add_argument("--image-resize", choices=("crop", "squash"), default="crop",

@@ -15,10 +15,9 @@ import logging
 import sys
 from pathlib import Path
 
-import torch
-
 from unimur.errors import run_cli
 from unimur.inference.extract import convert_pickle, extract, list_images
+from unimur.utils.distributed import default_device
 
 
 def main(argv=None):
@@ -34,7 +33,7 @@ def main(argv=None):
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("-j", "--workers", type=int, default=4)
     ap.add_argument("--part-size", type=int, default=4096, help="images per resumable part")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--device", default=default_device())
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.convert_pickle:

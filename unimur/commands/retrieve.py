@@ -24,20 +24,19 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-# The evaluation's response rules (SPEC section 4, MMDialog; unimur/evaluation/mmdialog/protocol.py): a name, a
-# description, and a branch in Session.answer each.
-IMAGE_RULES = {
+# The --help of each response rule of unimur.inference.rules (IMAGE_RULES, TEXT_RANKINGS; SPEC
+# section 4), written here so that `--help` does not import torch.
+IMAGE_RULE_HELP = {
     "always": "an image with every response (UniMuR)",
     "threshold": "an image only when the top image's cosine exceeds --image-threshold",
     "ret-token": "an image only when greedy decoding after the dialogue (up to --ret-max-tokens, "
                  "cut at the first newline) yields [RET], ranked by that [RET]'s embedding (FROMAGe)",
 }
-TEXT_RANKINGS = {
+TEXT_RANKING_HELP = {
     "embedding": "cosine of the unified embedding with each text's retrieval-space embedding (UniMuR)",
     "likelihood": "summed log p(text | dialogue) under the frozen LLM (FROMAGe's scoring)",
 }
@@ -64,12 +63,12 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="allow reading a .pkl embedding file (unpickling runs code from the file)")
     p.add_argument("--skip-nonfinite-embeddings", action="store_true",
                    help="leave out (and count) image embedding rows holding NaN or inf; default: refuse the file")
-    p.add_argument("--image-rule", choices=tuple(IMAGE_RULES), default=None,
-                   help="when to output an image: " + "; ".join(f"{k}: {v}" for k, v in IMAGE_RULES.items())
+    p.add_argument("--image-rule", choices=tuple(IMAGE_RULE_HELP), default=None,
+                   help="when to output an image: " + "; ".join(f"{k}: {v}" for k, v in IMAGE_RULE_HELP.items())
                         + " (default: always, or threshold when --image-threshold is given)")
     p.add_argument("--image-threshold", type=float, default=None, metavar="T")
-    p.add_argument("--text-ranking", choices=tuple(TEXT_RANKINGS), default=None,
-                   help="; ".join(f"{k}: {v}" for k, v in TEXT_RANKINGS.items())
+    p.add_argument("--text-ranking", choices=tuple(TEXT_RANKING_HELP), default=None,
+                   help="; ".join(f"{k}: {v}" for k, v in TEXT_RANKING_HELP.items())
                         + " (default: likelihood for a method=fromage model, else embedding)")
     p.add_argument("--ret-max-tokens", type=int, default=32, metavar="N",
                    help="ret-token: greedy tokens generated after the dialogue; default: %(default)s (FROMAGe's)")
@@ -192,15 +191,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 def run_cli(argv: Sequence[str] | None = None, entry=main) -> int:
     """``entry(argv)``; expected failures (missing files, bad input) become one ``error: ...`` line."""
-    try:
-        entry(argv)
-    except (FileNotFoundError, ValueError, KeyError) as e:
-        if os.environ.get("UNIMUR_TRACEBACK"):
-            raise
-        message = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
-        sys.stderr.write(f"error: {' '.join(message.split())}\n")
-        return 1
-    return 0
+    from unimur.errors import run_cli as run_command
+
+    return run_command(entry, argv, one_line=True)
 
 
 def cli() -> int:

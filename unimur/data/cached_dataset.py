@@ -18,6 +18,8 @@ from unimur.utils.distributed import is_main_process
 
 logger = logging.getLogger(__name__)
 
+__all__ = ["CachedCaptionDataset", "build_cached_cc3m_dataset"]
+
 
 class CachedCaptionDataset(Dataset):
     """Like :class:`~unimur.data.cc3m.CaptionDataset` but samples carry cached CLIP features.

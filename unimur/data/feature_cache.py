@@ -82,8 +82,6 @@ __all__ = [
     "build_feature_cache",
     "load_feature_cache",
     "load_or_build_feature_cache",
-    "CachedCaptionDataset",
-    "build_cached_cc3m_dataset",
 ]
 
 FORMAT = "unimur-feature-cache"

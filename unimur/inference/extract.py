@@ -34,7 +34,7 @@ from unimur.inference.image_embeddings import (
 from unimur.model.pretrained import artifact_owning
 from unimur.utils.images import IMAGE_LOADER_VERSION
 
-logger = logging.getLogger("unimur.inference.extract")
+logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 

@@ -26,12 +26,9 @@ from unimur.inference.retriever import Retriever
 from unimur.inference.rules import RET_MAX_TOKENS, response_rules
 from unimur.model.model import UniMuR
 from unimur.model.pretrained import read_model_config
+from unimur.utils.distributed import default_device
 
-logger = logging.getLogger("unimur.inference.session")
-
-
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
+logger = logging.getLogger(__name__)
 
 
 def _model_dir_embeddings(model_dir: str | Path) -> str | None:

@@ -22,7 +22,7 @@ from unimur.model.pretrained import check_model_output, save_pretrained
 from unimur.model.tokenizer import build_tokenizer
 from unimur.train.checkpoint import load_checkpoint
 
-logger = logging.getLogger("unimur.train.export")
+logger = logging.getLogger(__name__)
 
 FROZEN_PREFIXES = ("llm.", "encoders.", "module.llm.", "module.encoders.")
 

@@ -164,7 +164,7 @@ def _first_node(args) -> bool:
 
 
 def _device(args, local_rank: int) -> torch.device:
-    want = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    want = args.device or dist_utils.default_device()
     if want == "cuda":
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)

@@ -75,6 +75,11 @@ def get_rank() -> int:
     return dist.get_rank() if is_initialized() else 0
 
 
+def default_device() -> str:
+    """cuda when a GPU is visible, else cpu: every command's default ``--device``."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def get_world_size() -> int:
     return dist.get_world_size() if is_initialized() else 1
 

@@ -254,9 +254,6 @@ def load_encoders(visual_model: str, text_model: str | None = None, dtype: str =
                   weights: bool = True) -> FrozenEncoders:
     """The frozen image/text encoders by identifier (see module docstring); weights=False
     builds the architecture only."""
-    if visual_model == "efficientnet-lite0":
-        raise ValueError("visual_model='efficientnet-lite0' has no text tower: "
-                         "set text_model='all-minilm-l6-v2' (and target_proj='linear')")
     if text_model is not None:
         raise ValueError(
             f"text_model={text_model!r}: separate text encoders are not available in this build; "

@@ -47,4 +47,7 @@ def load_encoders(visual_model: str, text_model: str | None = None, dtype: str =
     loader = ENCODERS.get((visual_model, text_model))
     if loader is not None:
         return loader(dtype, weights)
+    if visual_model == "efficientnet-lite0":
+        raise ValueError("visual_model='efficientnet-lite0' has no text tower: "
+                         "set text_model='all-minilm-l6-v2' (and target_proj='linear')")
     return hub.load_encoders(visual_model, text_model, dtype, weights)
